@@ -1,0 +1,170 @@
+"""Faults injected into real runs, to prove each invariant can fail.
+
+Every fault keeps the run finite, as the real bugs did (a wrong scale, a lost
+bucket, a rank that drifts), so the invariant it targets has to catch it, not
+``finite``. A fault acts at one of the training loop's seams: the model before
+``deepspeed.initialize``, the backward call, or DeepSpeed's gradient reduction
+(its communication backend, tapped only while ``engine.backward`` runs).
+Everything a fault patches is restored when its cell ends, so the next cell in
+the same ranks runs clean.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+REDUCTIONS = ("all_reduce", "reduce_scatter_tensor")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A named fault, the invariants meant to catch it, and the cell it runs in."""
+
+    name: str
+    summary: str
+    targets: tuple[str, ...]
+    cell: dict[str, Any] = field(default_factory=dict)
+
+    def prepare_model(self, model: torch.nn.Module, spec: Any) -> torch.nn.Module:
+        return model
+
+    def backward(self, engine: Any, loss: torch.Tensor) -> None:
+        engine.backward(loss)
+
+    def on_reduced(self, reduced: torch.Tensor, local: torch.Tensor, index: int, rank: int, world_size: int) -> None:
+        """Called after each gradient reduction with its output and this rank's input."""
+
+    @property
+    def taps_reduction(self) -> bool:
+        return type(self).on_reduced is not Fault.on_reduced
+
+    @contextmanager
+    def installed(self, engine: Any, spec: Any, rank: int) -> Iterator[None]:
+        if not self.taps_reduction:
+            yield
+            return
+        with reduction_tap(engine, lambda out, local, i: self.on_reduced(out, local, i, rank, spec.world_size)):
+            yield
+
+
+class NoFault(Fault):
+    pass
+
+
+@contextmanager
+def reduction_tap(engine: Any, callback: Callable[[torch.Tensor, torch.Tensor, int], None]) -> Iterator[None]:
+    """Call ``callback(output, local_input, index)`` after every floating-point reduction
+    DeepSpeed issues inside ``engine.backward``; ``index`` counts reductions per backward."""
+    from deepspeed.comm import comm
+
+    backend = comm.cdb
+    saved = {name: backend.__dict__.get(name) for name in REDUCTIONS + ("__backward__",)}
+    state = {"active": False, "index": 0}
+
+    def tapped(name: str, original: Callable) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            names = ("output_tensor", "input_tensor") if name == "reduce_scatter_tensor" else ("tensor",)
+            bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+            output = bound[names[0]]
+            source = bound[names[-1]]
+            if not (state["active"] and source.is_floating_point() and source.numel() > 1):
+                return original(*args, **kwargs)
+            local = source.detach().clone()
+            if name == "reduce_scatter_tensor":
+                local = local.view(-1).chunk(backend.get_world_size())[backend.get_rank()].view_as(output)
+            work = original(*args, **kwargs)
+            if work is not None and hasattr(work, "wait"):
+                work.wait()
+            callback(output, local, state["index"])
+            state["index"] += 1
+            return work
+
+        return call
+
+    original_backward = engine.backward
+
+    def backward(*args: Any, **kwargs: Any) -> Any:
+        state["active"], state["index"] = True, 0
+        try:
+            return original_backward(*args, **kwargs)
+        finally:
+            state["active"] = False
+
+    for name in REDUCTIONS:
+        setattr(backend, name, tapped(name, getattr(backend, name)))
+    engine.backward = backward
+    try:
+        yield
+    finally:
+        for name in REDUCTIONS:
+            if saved[name] is None:
+                delattr(backend, name)
+            else:
+                setattr(backend, name, saved[name])
+        del engine.backward
+
+
+class GradNotDividedByWorldSize(Fault):
+    def on_reduced(self, reduced, local, index, rank, world_size):
+        reduced.mul_(world_size)
+
+
+class GradTimesGradAccum(Fault):
+    def backward(self, engine, loss):
+        engine.backward(loss, scale_wrt_gas=False)
+
+
+class DropFirstBucket(Fault):
+    def on_reduced(self, reduced, local, index, rank, world_size):
+        if index == 0:
+            reduced.zero_()
+
+
+class LastRankSkipsReduction(Fault):
+    def on_reduced(self, reduced, local, index, rank, world_size):
+        if rank == world_size - 1:
+            reduced.copy_(local)
+
+
+class CausalMaskLeak(Fault):
+    def prepare_model(self, model, spec):
+        for module in model.modules():
+            if hasattr(module, "is_causal"):
+                module.is_causal = False
+        return model
+
+
+FAULTS: dict[str, Fault] = {
+    fault.name: fault
+    for fault in [
+        GradNotDividedByWorldSize(
+            "grad_not_divided_by_ws", "reduced gradients summed, not averaged, over ranks",
+            ("parity_grad_norm", "step0_grads"), dict(zero_stage=1),
+        ),
+        GradTimesGradAccum(
+            "grad_times_ga", "accumulated gradients not divided by the accumulation steps",
+            ("parity_grad_norm", "step0_grads"), dict(zero_stage=2, grad_accum=4, micro_batch=2),
+        ),
+        DropFirstBucket(
+            "drop_bucket", "the first gradient bucket of every step is dropped from the reduction",
+            ("parity_grad_norm", "step0_grads"), dict(zero_stage=2),
+        ),
+        LastRankSkipsReduction(
+            "rank_skips_reduction", "the last rank keeps its local gradients instead of the reduced ones",
+            ("replicas_agree",), dict(zero_stage=0),
+        ),
+        CausalMaskLeak(
+            "causal_mask_leak", "attention sees future tokens",
+            ("no_collapse",), dict(zero_stage=0, steps=24),
+        ),
+    ]
+}
+
+
+def get_fault(name: str | None) -> Fault:
+    if name is None:
+        return NoFault("none", "no fault", ())
+    return FAULTS[name]

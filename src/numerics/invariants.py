@@ -1,0 +1,237 @@
+"""Invariants: functions over traces that say pass, fail or n/a, and why.
+
+Each takes the cell's trace and its reference and returns a `Verdict` whose
+message names the cell, the step, the value and the bound, so a nightly failure
+reads without rerunning. A field the cell lacks makes the verdict ``n/a``,
+never ``pass``. Verdicts are computed in the parent from what every rank sent,
+so all ranks of a cell fail together and none is left hanging.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+
+from numerics.thresholds import THRESHOLDS, TOLERANCES
+from numerics.trace import Trace
+
+Status = Literal["pass", "fail", "n/a", "xfail", "xpass"]
+
+
+@dataclass
+class Verdict:
+    invariant: str
+    status: Status
+    message: str = ""
+    step: int | None = None
+    reason: str = ""  # for xfail/xpass: the known deviation
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("fail", "xpass")
+
+
+Check = Callable[[Trace, Trace | None], Verdict]
+INVARIANTS: dict[str, Check] = {}
+
+
+def invariant(name: str) -> Callable[[Check], Check]:
+    def register(check: Check) -> Check:
+        INVARIANTS[name] = check
+        return check
+
+    return register
+
+
+def _pass(name: str, message: str = "") -> Verdict:
+    return Verdict(name, "pass", message)
+
+
+def _na(name: str, message: str) -> Verdict:
+    return Verdict(name, "n/a", message)
+
+
+def _fail(name: str, trace: Trace, step: int | None, message: str) -> Verdict:
+    where = f" at step {step}" if step is not None else ""
+    return Verdict(name, "fail", f"[{trace.cell}]{where}: {message}", step)
+
+
+def _tolerance(trace: Trace):
+    return TOLERANCES[trace.spec.get("dtype", "fp32")]
+
+
+def _applied(trace: Trace) -> list:
+    """Steps whose update was applied (fp16 overflow steps are skipped by design)."""
+    return [s for s in trace.steps if not s.skipped]
+
+
+def relative(value: float, reference: float) -> float:
+    return abs(value - reference) / max(abs(reference), 1e-30)
+
+
+@invariant("finite")
+def assert_finite(trace: Trace, reference: Trace | None) -> Verdict:
+    """Loss every step, grad and parameter norms every applied step, are finite."""
+    for record in trace.steps:
+        fields = {"loss": record.loss, "param_norm": record.param_norm}
+        if not record.skipped:
+            fields["grad_norm"] = record.grad_norm
+        for name, value in fields.items():
+            if value is not None and not math.isfinite(value):
+                return _fail("finite", trace, record.step, f"{name} = {value}")
+    return _pass("finite")
+
+
+@invariant("no_collapse")
+def assert_no_collapse(trace: Trace, reference: Trace | None) -> Verdict:
+    """The loss cannot clearly beat the data's entropy rate, and gradients cannot vanish above it."""
+    if trace.entropy_floor is None or trace.entropy_rate is None:
+        return _na("no_collapse", "the cell's data has no known entropy rate")
+    for record in trace.steps:
+        if record.loss < trace.entropy_floor:
+            return _fail("no_collapse", trace, record.step,
+                         f"loss {record.loss:.4f} is below the entropy floor {trace.entropy_floor:.4f} "
+                         f"(H = {trace.entropy_rate:.4f} nats, {THRESHOLDS.entropy_floor_sigmas:g} standard errors): "
+                         "the model sees its targets, or the loss is computed wrong")
+        if (not record.skipped and record.grad_norm is not None and record.grad_norm <= THRESHOLDS.zero_grad_norm
+                and record.loss > trace.entropy_rate):
+            return _fail("no_collapse", trace, record.step,
+                         f"grad norm {record.grad_norm:.3g} with loss {record.loss:.4f} above H = {trace.entropy_rate:.4f}: gradients vanished")
+    return _pass("no_collapse")
+
+
+def _spike(trace: Trace, name: str, field: str, ratio: float) -> Verdict:
+    records = [r for r in _applied(trace) if getattr(r, field) is not None]
+    if len(records) <= THRESHOLDS.spike_warmup:
+        return _na(name, f"only {len(records)} steps with {field}")
+    for index in range(THRESHOLDS.spike_warmup, len(records)):
+        window = [getattr(r, field) for r in records[max(0, index - THRESHOLDS.spike_window):index]]
+        median = statistics.median(window)
+        value = getattr(records[index], field)
+        if value > ratio * median:
+            return _fail(name, trace, records[index].step,
+                         f"{field} {value:.4g} is {value / median:.1f}x its running median {median:.4g} (bound {ratio:g}x)")
+    return _pass(name)
+
+
+@invariant("no_spike")
+def assert_no_spike(trace: Trace, reference: Trace | None) -> Verdict:
+    """Neither the loss nor the grad norm jumps against its running median after warm-up."""
+    loss = _spike(trace, "no_spike", "loss", THRESHOLDS.loss_spike_ratio)
+    if loss.status == "fail":
+        return loss
+    grad = _spike(trace, "no_spike", "grad_norm", THRESHOLDS.grad_spike_ratio)
+    return grad if grad.status == "fail" else loss
+
+
+@invariant("learns")
+def assert_learns(trace: Trace, reference: Trace | None) -> Verdict:
+    """The last window's mean loss closes part of the gap between the first window and H."""
+    window = THRESHOLDS.learn_window
+    if len(trace.steps) < 2 * window:
+        return _na("learns", f"{len(trace.steps)} steps, need {2 * window}")
+    first = statistics.fmean(trace.values("loss")[:window])
+    last = statistics.fmean(trace.values("loss")[-window:])
+    target = trace.entropy_rate if trace.entropy_rate is not None else 0.0
+    needed = first - THRESHOLDS.learn_fraction * (first - target)
+    if not last <= needed:
+        return _fail("learns", trace, None,
+                     f"mean loss {first:.4f} over the first {window} steps fell only to {last:.4f} over the last "
+                     f"{window}; needed <= {needed:.4f} ({THRESHOLDS.learn_fraction:.0%} of the way to {target:.4f})")
+    return _pass("learns", f"{first:.4f} -> {last:.4f}")
+
+
+def _parity(trace: Trace, reference: Trace | None, name: str, field: str, rtol: float) -> Verdict:
+    if reference is None:
+        return _na(name, "no reference trace")
+    for record, ref in zip(_applied(trace), [reference.steps[r.step] for r in _applied(trace)]):
+        value, expected = getattr(record, field), getattr(ref, field)
+        if value is None or expected is None:
+            return _na(name, f"{field} not recorded at step {record.step}")
+        if not relative(value, expected) <= rtol:
+            return _fail(name, trace, record.step,
+                         f"{field} {value:.6g} vs reference {expected:.6g}: relative difference "
+                         f"{relative(value, expected):.3g} > {rtol:g} ({trace.spec.get('dtype')}); "
+                         "this is the first diverging step")
+    return _pass(name)
+
+
+@invariant("parity_loss")
+def assert_parity_loss(trace: Trace, reference: Trace | None) -> Verdict:
+    """Per-step loss matches the plain-PyTorch fp32 reference within the dtype's tolerance."""
+    return _parity(trace, reference, "parity_loss", "loss", _tolerance(trace).loss_rtol)
+
+
+@invariant("parity_grad_norm")
+def assert_parity_grad_norm(trace: Trace, reference: Trace | None) -> Verdict:
+    """Per-step gradient norm matches the reference: Adam hides scale bugs from the loss, not from this."""
+    return _parity(trace, reference, "parity_grad_norm", "grad_norm", _tolerance(trace).grad_rtol)
+
+
+@invariant("init_matches")
+def assert_init_matches(trace: Trace, reference: Trace | None) -> Verdict:
+    """The cell starts from the reference's weights, bit for bit."""
+    if reference is None or trace.init_checksum is None:
+        return _na("init_matches", "no initial checksum")
+    if trace.init_checksum != reference.init_checksum:
+        return _fail("init_matches", trace, 0, f"initial weights {trace.init_checksum} differ from the reference's {reference.init_checksum}")
+    return _pass("init_matches")
+
+
+@invariant("step0_grads")
+def assert_step0_grads(trace: Trace, reference: Trace | None) -> Verdict:
+    """At step 0, with identical weights, every parameter's full gradient matches the reference tightly."""
+    if reference is None or trace.step0_grads is None or reference.step0_grads is None:
+        return _na("step0_grads", "no step-0 gradients")
+    if trace.steps and trace.steps[0].skipped:
+        return _na("step0_grads", "step 0 overflowed and was skipped")
+    rtol = _tolerance(trace).step0_grad_rtol
+    worst = ("", 0.0)
+    for name, expected in reference.step0_grads.items():
+        got = trace.step0_grads.get(name)
+        if got is None:
+            return _fail("step0_grads", trace, 0, f"no gradient for {name}")
+        error = float(np.linalg.norm(got.reshape(-1) - expected.reshape(-1)) / max(np.linalg.norm(expected), 1e-30))
+        worst = max(worst, (name, error), key=lambda item: item[1])
+    if worst[1] > rtol:
+        return _fail("step0_grads", trace, 0, f"gradient of {worst[0]} differs from the reference by {worst[1]:.3g} (relative L2) > {rtol:g}")
+    return _pass("step0_grads", f"worst {worst[0]} {worst[1]:.2g}")
+
+
+@invariant("grad_norm_agrees")
+def assert_grad_norm_agrees(trace: Trace, reference: Trace | None) -> Verdict:
+    """The engine's reported grad norm (what users log and clip by) equals the independently computed one."""
+    rtol = _tolerance(trace).grad_norm_agree_rtol
+    checked = 0
+    for record in _applied(trace):
+        if record.grad_norm_reported is None or record.grad_norm is None:
+            continue
+        checked += 1
+        if not relative(record.grad_norm_reported, record.grad_norm) <= rtol:
+            return _fail("grad_norm_agrees", trace, record.step,
+                         f"engine reports grad norm {record.grad_norm_reported:.6g}, computed {record.grad_norm:.6g} "
+                         f"(relative difference {relative(record.grad_norm_reported, record.grad_norm):.3g} > {rtol:g})")
+    if not checked:
+        return _na("grad_norm_agrees", "the engine reported no grad norm")
+    return _pass("grad_norm_agrees")
+
+
+@invariant("replicas_agree")
+def assert_replicas_agree(trace: Trace, reference: Trace | None) -> Verdict:
+    """After every step, every rank holds bit-identical full parameters."""
+    for record in trace.steps:
+        if len(set(record.param_checksums)) > 1:
+            return _fail("replicas_agree", trace, record.step, f"parameter checksums differ across ranks: {record.param_checksums}")
+    if not any(len(r.param_checksums) > 1 for r in trace.steps):
+        return _na("replicas_agree", "single rank")
+    return _pass("replicas_agree")
+
+
+def check(trace: Trace, reference: Trace | None, names: tuple[str, ...]) -> list[Verdict]:
+    unknown = sorted(set(names) - set(INVARIANTS))
+    if unknown:
+        raise KeyError(f"unknown invariants {unknown}; known: {sorted(INVARIANTS)}")
+    return [INVARIANTS[name](trace, reference) for name in names]

@@ -1,0 +1,86 @@
+"""The reference run: plain PyTorch, one process, fp32, no DeepSpeed.
+
+Same initial weights, data, global batch and optimizer as the cell, so a bug
+that every ZeRO stage shares (loss scaling, ZeRO-0 paths) cannot hide in the
+reference. Computed once per process for each distinct reference key.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass
+from functools import cache
+from typing import Iterator
+
+import torch
+
+from numerics.data import global_batch, markov_chain
+from numerics.models import build_model, tensor_checksum
+from numerics.spec import RunSpec
+from numerics.trace import StepRecord, Trace
+from numerics.train import build_optimizer, entropy_floor, norm, oracle_loss
+
+
+@dataclass(frozen=True)
+class ReferenceKey:
+    """What a reference depends on: two cells with the same key share one reference."""
+
+    model: str
+    optimizer: str
+    lr: float
+    steps: int
+    seed: int
+    seq_len: int
+    global_batch: int
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> ReferenceKey:
+        return cls(spec.model, spec.optimizer, spec.lr, spec.steps, spec.seed, spec.seq_len, spec.global_batch)
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """fp32 bit-reproducibility depends on the thread count; ranks use one thread too."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def reference_trace(spec: RunSpec) -> Trace:
+    return _reference(ReferenceKey.of(spec))
+
+
+@cache
+def _reference(key: ReferenceKey) -> Trace:
+    spec = RunSpec(model=key.model, optimizer=key.optimizer, lr=key.lr, steps=key.steps, seed=key.seed,
+                   seq_len=key.seq_len, world_size=1, micro_batch=key.global_batch, grad_accum=1)
+    started = time.perf_counter()
+    with single_thread():
+        model = build_model(spec.model, spec.seed)
+        trace = Trace(cell=f"reference-{spec.model}-{spec.optimizer}", spec=spec.to_dict(),
+                      init_checksum=tensor_checksum(list(model.parameters())),
+                      entropy_floor=entropy_floor(spec), entropy_rate=markov_chain().entropy_rate,
+                      meta={"driver": "plain torch, fp32, one process"})
+        optimizer = build_optimizer(spec, model.parameters())
+        for step in range(spec.steps):
+            batch = global_batch(markov_chain(), spec.seq_len, spec.seed, step, spec.global_batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            before = [p.detach().clone() for p in model.parameters()]
+            optimizer.step()
+            after = [p.detach().clone() for p in model.parameters()]
+            trace.steps.append(StepRecord(
+                step=step, loss=float(loss), grad_norm=norm(list(grads.values())),
+                lr=spec.lr, update_norm=norm([a - b for a, b in zip(after, before)]), param_norm=norm(after),
+                param_checksums=[tensor_checksum(after)], oracle_loss=oracle_loss(batch),
+                supervised_tokens=spec.global_batch * (spec.seq_len - 1),
+            ))
+            if step == 0:
+                trace.step0_grads = {n: g.numpy() for n, g in grads.items()}
+    trace.meta["wall_s"] = time.perf_counter() - started
+    return trace

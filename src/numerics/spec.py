@@ -1,0 +1,226 @@
+"""`RunSpec`: one cell of the matrix, and the DeepSpeed config it renders.
+
+A cell is data: it travels to the ranks by pickle, names itself in pytest ids
+and reports, and renders its DeepSpeed config from the readable templates in
+``ds_configs/`` so that what Numerics runs is what a user could copy.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("fp32", "bf16", "fp16")
+COMM_DTYPES = (None, "fp32", "fp16", "bf16")
+MODELS = ("llama", "mlp")
+OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZER_SOURCES = ("config", "client")
+BUCKETS = ("scaled", "default")
+DRIVERS = ("engine", "trainer")
+
+# Keys of the ZeRO templates that are scaled to the tiny model; the
+# ``buckets="default"`` cells drop them to run DeepSpeed's own defaults.
+SCALED_ZERO_KEYS = (
+    "reduce_bucket_size",
+    "allgather_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+)
+
+OPTIMIZER_DEFAULTS = {
+    # betas/eps/weight decay are spelled out so the reference run and the
+    # DeepSpeed config cannot silently disagree on a default.
+    "adamw": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01},
+    "sgd": {"momentum": 0.9},
+}
+
+# Learning rates per optimizer: AdamW normalises the gradient, SGD does not.
+DEFAULT_LR = {"adamw": 3e-3, "sgd": 0.3}
+
+# The invariants a cell is held to unless it says otherwise (see invariants.py).
+DEFAULT_INVARIANTS = (
+    "finite", "no_collapse", "no_spike", "learns", "init_matches", "step0_grads",
+    "parity_loss", "parity_grad_norm", "grad_norm_agrees", "replicas_agree",
+)
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+class SpecError(ValueError):
+    """A RunSpec that cannot describe a sane run; the message says which field and why."""
+
+
+@cache
+def load_template(name: str) -> dict[str, Any]:
+    """A template from ``ds_configs/``, without its ``_comment``."""
+    path = DS_CONFIG_DIR / f"{name}.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"DeepSpeed config template {path} is missing") from None
+    except json.JSONDecodeError as err:
+        raise SpecError(f"DeepSpeed config template {path} is not valid JSON: {err}") from None
+    data.pop("_comment", None)
+    return data
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``extra``, recursing into nested dicts; neither is modified."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: model, precision, ZeRO stage, communication dtype, sizes and seed."""
+
+    model: str = "llama"
+    dtype: str = "fp32"
+    zero_stage: int = 0
+    comm_dtype: str | None = None
+    world_size: int = 2
+    micro_batch: int = 4
+    grad_accum: int = 1
+    steps: int = 16
+    lr: float | None = None  # None: DEFAULT_LR of the optimizer
+    optimizer: str = "adamw"
+    optimizer_source: str = "config"
+    buckets: str = "scaled"
+    seed: int = 0
+    seq_len: int = 32
+    driver: str = "engine"
+    fault: str | None = None
+    timeout_s: float = 180.0
+    # Extra DeepSpeed keys as JSON text, merged last (a frozen dataclass needs a hashable field).
+    ds_extra: str = "{}"
+    tags: tuple[str, ...] = field(default=())
+    invariants: tuple[str, ...] = DEFAULT_INVARIANTS
+
+    def __post_init__(self) -> None:
+        if self.lr is None and self.optimizer in DEFAULT_LR:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
+        self.validate()
+
+    # -- identity -----------------------------------------------------------------
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def cell_id(self) -> str:
+        """Readable id: ``zero2-bf16-comm_fp32-ws2`` plus whatever differs from the defaults."""
+        parts = [f"zero{self.zero_stage}", self.dtype]
+        if self.comm_dtype:
+            parts.append(f"comm_{self.comm_dtype}")
+        parts.append(f"ws{self.world_size}")
+        if self.grad_accum != 1:
+            parts.append(f"ga{self.grad_accum}")
+        if self.model != "llama":
+            parts.append(self.model)
+        if self.optimizer != "adamw" or self.optimizer_source != "config":
+            parts.append(f"{self.optimizer_source}_{self.optimizer}")
+        if self.buckets != "scaled":
+            parts.append(f"buckets_{self.buckets}")
+        if self.driver != "engine":
+            parts.append(self.driver)
+        if self.seed:
+            parts.append(f"seed{self.seed}")
+        if self.fault:
+            parts.append(f"fault_{self.fault}")
+        parts.extend(self.tags)
+        return "-".join(parts)
+
+    def with_(self, **changes: Any) -> RunSpec:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"unknown RunSpec field(s) {unknown}; known: {sorted(known)}")
+        data = dict(data)
+        for name in ("tags", "invariants"):
+            if name in data:
+                data[name] = tuple(data[name])
+        return cls(**data)
+
+    # -- validation -----------------------------------------------------------------
+    def validate(self) -> None:
+        def one_of(name: str, value: Any, allowed: tuple) -> None:
+            if value not in allowed:
+                raise SpecError(f"{name}={value!r} is not one of {allowed}")
+
+        one_of("model", self.model, MODELS)
+        one_of("dtype", self.dtype, DTYPES)
+        one_of("comm_dtype", self.comm_dtype, COMM_DTYPES)
+        one_of("zero_stage", self.zero_stage, (0, 1, 2, 3))
+        one_of("optimizer", self.optimizer, OPTIMIZERS)
+        one_of("optimizer_source", self.optimizer_source, OPTIMIZER_SOURCES)
+        one_of("buckets", self.buckets, BUCKETS)
+        one_of("driver", self.driver, DRIVERS)
+        for name in ("world_size", "micro_batch", "grad_accum", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SpecError(f"{name}={value!r} must be a positive integer")
+        if self.seq_len < 2:
+            raise SpecError(f"seq_len={self.seq_len} must be at least 2 (one input, one target)")
+        if not self.lr > 0:
+            raise SpecError(f"lr={self.lr!r} must be positive")
+        if self.timeout_s <= 0:
+            raise SpecError(f"timeout_s={self.timeout_s!r} must be positive")
+        try:
+            extra = json.loads(self.ds_extra)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"ds_extra is not valid JSON: {err}") from None
+        if not isinstance(extra, dict):
+            raise SpecError(f"ds_extra must be a JSON object, got {type(extra).__name__}")
+        for key in ("fp16", "bf16", "zero_optimization", "train_batch_size"):
+            if key in extra:
+                raise SpecError(
+                    f"ds_extra sets {key!r}, which the RunSpec owns (dtype, zero_stage, batch fields); "
+                    "set those fields instead so the cell id says what ran"
+                )
+        from numerics.invariants import INVARIANTS  # late: invariants import thresholds only
+
+        unknown = sorted(set(self.invariants) - set(INVARIANTS))
+        if unknown:
+            raise SpecError(f"unknown invariant(s) {unknown}; known: {sorted(INVARIANTS)}")
+        if self.fault is not None:
+            from numerics.faults import FAULTS  # late: faults import the training loop
+
+            one_of("fault", self.fault, tuple(FAULTS))
+
+    # -- DeepSpeed config -------------------------------------------------------------
+    def ds_config(self) -> dict[str, Any]:
+        """The DeepSpeed config for this cell, rendered from ``ds_configs/``."""
+        config = deep_merge(load_template("base"), load_template(f"zero{self.zero_stage}"))
+        if self.buckets == "default":
+            for key in SCALED_ZERO_KEYS:
+                config["zero_optimization"].pop(key, None)
+        if self.dtype != "fp32":
+            config = deep_merge(config, load_template(self.dtype))
+        if self.comm_dtype is not None:
+            config["communication_data_type"] = self.comm_dtype
+        config["train_micro_batch_size_per_gpu"] = self.micro_batch
+        config["gradient_accumulation_steps"] = self.grad_accum
+        config["train_batch_size"] = self.global_batch
+        if self.optimizer_source == "config":
+            config["optimizer"] = {
+                "type": {"adamw": "AdamW", "sgd": "SGD"}[self.optimizer],
+                "params": {"lr": self.lr, **OPTIMIZER_DEFAULTS[self.optimizer]},
+            }
+        return deep_merge(config, json.loads(self.ds_extra))

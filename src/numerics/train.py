@@ -1,0 +1,165 @@
+"""The training loop each rank runs for one cell: ``deepspeed.initialize``, forward,
+backward, step, and one `StepRecord` per step.
+
+Measurements are taken around the engine, not from it, so that the engine can
+be checked against them: the gradient norm is computed from the full reduced
+gradients (``safe_get_full_grad``, gathered under ZeRO-3) divided by the loss
+scale the optimizer will divide by, the update norm from full parameters before
+and after the step, and the replica checksum from the parameters every rank
+holds after the step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from numerics.data import global_batch, markov_chain, micro_batch_indices
+from numerics.models import build_model, tensor_checksum
+from numerics.spec import OPTIMIZER_DEFAULTS, RunSpec
+from numerics.thresholds import THRESHOLDS
+from numerics.trace import StepRecord, Trace
+
+def build_optimizer(spec: RunSpec, params: Iterator[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The client optimizer, with the same hyper-parameters the DeepSpeed config would get."""
+    options = dict(OPTIMIZER_DEFAULTS[spec.optimizer])
+    if spec.optimizer == "adamw":
+        options["betas"] = tuple(options["betas"])
+        return torch.optim.AdamW(params, lr=spec.lr, **options)
+    return torch.optim.SGD(params, lr=spec.lr, **options)
+
+
+def oracle_loss(batch: torch.Tensor) -> float:
+    """Mean surprisal of the batch's next tokens under the true chain."""
+    chain = markov_chain()
+    src, dst = batch[:, :-1].numpy(), batch[:, 1:].numpy()
+    return float(-np.log(chain.transition[src, dst]).mean())
+
+
+def entropy_floor(spec: RunSpec) -> float:
+    return markov_chain().floor(spec.global_batch * (spec.seq_len - 1), THRESHOLDS.entropy_floor_sigmas)
+
+
+def loss_scale(engine: Any) -> float | None:
+    """The loss scale the engine's optimizer divides gradients by; None outside fp16."""
+    if not engine.fp16_enabled():
+        return None
+    optimizer = engine.optimizer
+    for owner, name in ((optimizer, "cur_scale"), (getattr(optimizer, "loss_scaler", None), "cur_scale"), (optimizer, "loss_scale")):
+        value = getattr(owner, name, None)
+        if value is not None:
+            return float(value)
+    return None
+
+
+def _to_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def full_grads(engine: Any) -> dict[str, torch.Tensor]:
+    """Full, reduced gradients of trainable parameters as fp32 CPU tensors (still loss-scaled).
+
+    Collective under ZeRO 1-3: every rank must call it, in the same order.
+    """
+    from deepspeed.utils import safe_get_full_grad
+
+    grads = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        grad = safe_get_full_grad(param)
+        grads[name] = torch.zeros(param.ds_shape if hasattr(param, "ds_shape") else param.shape) if grad is None else grad.detach().float().cpu().clone()
+    return grads
+
+
+def full_params(engine: Any) -> list[torch.Tensor]:
+    """Full parameters as the forward pass sees them (gathered under ZeRO-3), fp32 on CPU."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    gather = deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3 else nullcontext()
+    with gather:
+        return [p.detach().float().cpu().clone() for p in params]
+
+
+def global_mean(value: torch.Tensor, device: torch.device) -> float:
+    tensor = value.detach().float().reshape(1).to(device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()
+
+
+def norm(tensors: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+
+
+def train_step(engine: Any, spec: RunSpec, step: int, rank: int, fault: Any) -> tuple[StepRecord, dict[str, torch.Tensor]]:
+    batch = global_batch(markov_chain(), spec.seq_len, spec.seed, step, spec.global_batch)
+    losses = []
+    for micro in range(spec.grad_accum):
+        ids = batch[list(micro_batch_indices(spec.global_batch, spec.micro_batch, spec.grad_accum, spec.world_size, rank, micro))]
+        ids = ids.to(engine.device)
+        output = engine(input_ids=ids, labels=ids)
+        fault.backward(engine, output.loss)
+        losses.append(output.loss.detach().float())
+    scale = loss_scale(engine)
+    grads = {k: g / (scale or 1.0) for k, g in full_grads(engine).items()}
+    before = full_params(engine)
+    skipped_before = engine.skipped_steps
+    engine.step()
+    after = full_params(engine)
+    record = StepRecord(
+        step=step,
+        loss=global_mean(torch.stack(losses).mean(), engine.device),
+        grad_norm=norm(list(grads.values())),
+        grad_norm_reported=_to_float(engine.get_global_grad_norm()),
+        loss_scale=scale,
+        skipped=(engine.skipped_steps > skipped_before) if scale is not None else None,
+        lr=float(engine.get_lr()[0]),
+        update_norm=norm([a - b for a, b in zip(after, before)]),
+        param_norm=norm(after),
+        param_checksums=[tensor_checksum(after)],
+        oracle_loss=oracle_loss(batch),
+        supervised_tokens=spec.global_batch * (spec.seq_len - 1),
+    )
+    return record, grads
+
+
+def run_engine_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
+    """Train one cell on this rank and return its trace (this rank's checksums only)."""
+    import deepspeed
+
+    from numerics.faults import get_fault
+
+    fault = get_fault(spec.fault)
+    started = time.perf_counter()
+    model = build_model(spec.model, spec.seed)
+    init_checksum = tensor_checksum(list(model.parameters()))
+    model = fault.prepare_model(model, spec)
+    client = build_optimizer(spec, model.parameters()) if spec.optimizer_source == "client" else None
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=client,
+        model_parameters=None if client else [p for p in model.parameters() if p.requires_grad],
+        config=spec.ds_config(),
+    )
+    trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), meta=dict(meta), init_checksum=init_checksum,
+                  entropy_floor=entropy_floor(spec), entropy_rate=markov_chain().entropy_rate)
+    try:
+        with fault.installed(engine, spec, rank):
+            for step in range(spec.steps):
+                record, grads = train_step(engine, spec, step, rank, fault)
+                trace.steps.append(record)
+                if step == 0:
+                    trace.step0_grads = {k: v.numpy() for k, v in grads.items()}
+    finally:
+        engine.destroy()
+    trace.meta["wall_s"] = time.perf_counter() - started
+    trace.meta["steps_per_s"] = spec.steps / trace.meta["wall_s"]
+    return trace
