@@ -15,7 +15,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from numerics.thresholds import THRESHOLDS, TOLERANCES
+from numerics.thresholds import THRESHOLDS, tolerance
 from numerics.trace import Trace
 
 Status = Literal["pass", "fail", "n/a", "xfail", "xpass"]
@@ -60,7 +60,7 @@ def _fail(name: str, trace: Trace, step: int | None, message: str) -> Verdict:
 
 
 def _tolerance(trace: Trace):
-    return TOLERANCES[trace.spec.get("dtype", "fp32")]
+    return tolerance(trace.spec.get("dtype", "fp32"), trace.spec.get("comm_dtype"))
 
 
 def _applied(trace: Trace) -> list:

@@ -40,7 +40,7 @@ OPTIMIZER_DEFAULTS = {
 }
 
 # Learning rates per optimizer: AdamW normalises the gradient, SGD does not.
-DEFAULT_LR = {"adamw": 3e-3, "sgd": 0.3}
+DEFAULT_LR = {"adamw": 3e-3, "sgd": 0.1}
 
 # The invariants a cell is held to unless it says otherwise (see invariants.py).
 DEFAULT_INVARIANTS = (

@@ -19,20 +19,23 @@ class Tolerance:
 
 
 TOLERANCES: dict[str, Tolerance] = {
+    # Measured 2026-11-23 (deepspeed 0.19.8, torch 2.13 CPU, 16 steps, the 37 default cells,
+    # ws 2 and 4, GA 1 and 4, AdamW and SGD) against the plain-torch fp32 reference; the
+    # ZeRO-0 fp16/bf16 cells are known deviations (deviations.py) and were left out.
     "fp32": Tolerance(
-        loss_rtol=1e-4, grad_rtol=1e-3, step0_grad_rtol=1e-5, grad_norm_agree_rtol=1e-4,
-        reason="measured over 16 steps, stages 0-3, ws 2 and 4, GA 1 and 4, vs the plain-torch "
-        "reference: loss <= 3e-6, grad norm <= 2e-5 (reduction order only); ~30x headroom",
-    ),
-    "bf16": Tolerance(
-        loss_rtol=6e-3, grad_rtol=8e-2, step0_grad_rtol=2e-2, grad_norm_agree_rtol=1e-3,
-        reason="bf16 keeps 8 mantissa bits (eps 7.8e-3): measured loss <= 1.5e-3, grad norm "
-        "<= 2e-2, step-0 per-parameter gradient <= 6e-3 vs the fp32 reference; ~4x headroom",
+        loss_rtol=1e-5, grad_rtol=5e-5, step0_grad_rtol=1e-5, grad_norm_agree_rtol=1e-5,
+        reason="reduction order only: measured loss <= 2.5e-7, grad norm <= 1.4e-6, step-0 "
+        "gradient <= 2.9e-7, reported norm <= 7.3e-8; ~30x headroom",
     ),
     "fp16": Tolerance(
-        loss_rtol=2e-3, grad_rtol=2e-2, step0_grad_rtol=4e-3, grad_norm_agree_rtol=1e-3,
-        reason="fp16 keeps 11 mantissa bits (eps 9.8e-4): measured loss <= 4e-4, grad norm "
-        "<= 5e-3, step-0 per-parameter gradient <= 1e-3 vs the fp32 reference; ~4x headroom",
+        loss_rtol=2.5e-4, grad_rtol=4e-3, step0_grad_rtol=6e-3, grad_norm_agree_rtol=1e-4,
+        reason="11 mantissa bits (eps 9.8e-4), as compute or communication dtype: measured loss "
+        "<= 5.1e-5, grad norm <= 9e-4, step-0 gradient <= 1.4e-3, reported norm <= 1e-7; ~4x",
+    ),
+    "bf16": Tolerance(
+        loss_rtol=3e-3, grad_rtol=8e-2, step0_grad_rtol=4e-2, grad_norm_agree_rtol=1e-4,
+        reason="8 mantissa bits (eps 7.8e-3), as compute or communication dtype: measured loss "
+        "<= 8.1e-4, grad norm <= 2.1e-2, step-0 gradient <= 1e-2, reported norm <= 2.2e-7; ~4x",
     ),
 }
 
@@ -50,3 +53,12 @@ class TrainingThresholds:
 
 
 THRESHOLDS = TrainingThresholds()
+
+# Least precise last: a cell is as precise as the coarser of its compute and communication dtypes.
+PRECISION_ORDER = ("fp32", "fp16", "bf16")
+
+
+def tolerance(dtype: str, comm_dtype: str | None = None) -> Tolerance:
+    """The tolerance of the coarser of the compute and the communication dtype."""
+    effective = max(dtype, comm_dtype or dtype, key=PRECISION_ORDER.index)
+    return TOLERANCES[effective]

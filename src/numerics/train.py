@@ -108,6 +108,8 @@ def train_step(engine: Any, spec: RunSpec, step: int, rank: int, fault: Any) -> 
         output = engine(input_ids=ids, labels=ids)
         fault.backward(engine, output.loss)
         losses.append(output.loss.detach().float())
+        if micro < spec.grad_accum - 1:
+            engine.step()  # DeepSpeed counts micro-steps in step(); it only applies the update at the boundary
     scale = loss_scale(engine)
     grads = {k: g / (scale or 1.0) for k, g in full_grads(engine).items()}
     before = full_params(engine)

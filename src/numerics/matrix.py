@@ -1,0 +1,120 @@
+"""The matrix: axes, exclusions and families as data, and the cells they expand to.
+
+The full product of every family's axes is ``--full``. The default is a
+covering subset: every stage x dtype combination is kept, and every pair of
+values of any two axes appears in at least one cell, which is how most
+interaction bugs show (a stage with a comm dtype, an optimizer with GA).
+"""
+from __future__ import annotations
+
+import fnmatch
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from numerics.spec import RunSpec
+
+STAGES = [0, 1, 2, 3]
+DTYPES = ["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    axes: dict[str, list[Any]]
+    base: dict[str, Any] = field(default_factory=dict)
+    kept: tuple[str, ...] = ("zero_stage", "dtype")  # axes whose full product the covering subset keeps
+
+
+FAMILIES = [
+    Family(
+        "comm",
+        axes={"zero_stage": STAGES, "dtype": DTYPES, "comm_dtype": [None, "fp32", "fp16", "bf16"]},
+        base={"world_size": 2},
+    ),
+    Family(
+        "accum",
+        axes={"zero_stage": STAGES, "dtype": DTYPES, "grad_accum": [1, 4],
+              "optimizer": ["adamw", "sgd"], "optimizer_source": ["config", "client"]},
+        # Same global batch (8) at GA 1 and 4: micro-batch 4 x GA 1 x 2 ranks, 1 x 4 x 2.
+        base={"world_size": 2, "micro_batch": 4},
+    ),
+    Family(
+        # Reduction order only differs with more ranks; oversubscribed on 2 cores is fine at this size.
+        "ws4",
+        axes={"zero_stage": STAGES, "dtype": ["fp32", "bf16"]},
+        base={"world_size": 4, "micro_batch": 2},
+    ),
+    Family(
+        # DeepSpeed's own bucket defaults: the whole tiny model in one bucket, as most toy tests run.
+        "default_buckets",
+        axes={"zero_stage": [1, 2, 3], "dtype": ["bf16"]},
+        base={"world_size": 2, "buckets": "default"},
+    ),
+]
+
+# Cells no sane user runs, or that cannot run, with the reason. Matched on the rendered cell.
+EXCLUSIONS: list[tuple[dict[str, Any], str]] = []
+
+
+def _fix_batch(cell: dict[str, Any]) -> dict[str, Any]:
+    """Keep the global batch fixed when GA varies: micro-batch shrinks by the accumulation factor."""
+    if cell.get("grad_accum", 1) > 1:
+        cell["micro_batch"] = max(1, cell.get("micro_batch", 4) // cell["grad_accum"])
+    return cell
+
+
+def _excluded(cell: dict[str, Any]) -> str | None:
+    for pattern, reason in EXCLUSIONS:
+        if all(cell.get(k) == v for k, v in pattern.items()):
+            return reason
+    return None
+
+
+def full_product(family: Family) -> list[dict[str, Any]]:
+    names = list(family.axes)
+    return [dict(zip(names, values)) for values in itertools.product(*family.axes.values())]
+
+
+def covering_subset(family: Family) -> list[dict[str, Any]]:
+    """Greedy pairwise cover that keeps the full product of ``family.kept``."""
+    names = list(family.axes)
+    others = [n for n in names if n not in family.kept]
+    if not others:
+        return full_product(family)
+
+    def pairs(cell: dict[str, Any]) -> set[tuple]:
+        return {((a, cell[a]), (b, cell[b])) for a, b in itertools.combinations(names, 2)}
+
+    needed = set().union(*(pairs(c) for c in full_product(family)))
+    chosen: list[dict[str, Any]] = []
+    candidates = full_product(family)
+    for kept in itertools.product(*(family.axes[k] for k in family.kept)):
+        fixed = dict(zip(family.kept, kept))
+        options = [c for c in candidates if all(c[k] == v for k, v in fixed.items())]
+        best = max(options, key=lambda c: len(pairs(c) & needed))
+        chosen.append(best)
+        needed -= pairs(best)
+    while needed:
+        best = max(candidates, key=lambda c: len(pairs(c) & needed))
+        chosen.append(best)
+        needed -= pairs(best)
+    return chosen
+
+
+def cells(full: bool = False, pattern: str | None = None) -> list[RunSpec]:
+    """Every cell of the default (or full) matrix, optionally filtered by a glob on the cell id."""
+    specs: list[RunSpec] = []
+    seen: set[str] = set()
+    for family in FAMILIES:
+        for axes in full_product(family) if full else covering_subset(family):
+            cell = _fix_batch({**family.base, **axes})
+            if _excluded(cell):
+                continue
+            spec = RunSpec(**cell)
+            if spec.cell_id in seen or (pattern and not fnmatch.fnmatch(spec.cell_id, pattern)):
+                continue
+            seen.add(spec.cell_id)
+            specs.append(spec)
+    return specs
+

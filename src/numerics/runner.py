@@ -1,0 +1,101 @@
+"""Runs cells through rank pools and turns outcomes into verdicts.
+
+Both the CLI (``numerics run``) and the pytest matrix go through `evaluate`,
+so a cell means the same thing in the nightly table and in a test id.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from numerics import deviations
+from numerics.invariants import Verdict, check
+from numerics.launcher import CellOutcome, RankPool
+from numerics.platform import package_versions
+from numerics.reference import reference_trace
+from numerics.spec import RunSpec
+
+
+@dataclass
+class CellResult:
+    outcome: CellOutcome
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def spec(self) -> RunSpec:
+        return self.outcome.spec
+
+    @property
+    def status(self) -> str:
+        """``fail`` if anything failed unexpectedly, else ``xfail`` if a known deviation showed, else ``pass``."""
+        if any(v.failed for v in self.verdicts):
+            return "fail"
+        return "xfail" if any(v.status == "xfail" for v in self.verdicts) else "pass"
+
+    @property
+    def first_failure(self) -> Verdict | None:
+        return next((v for v in self.verdicts if v.failed), None) or next((v for v in self.verdicts if v.status == "xfail"), None)
+
+    def story(self) -> str:
+        """Everything a person needs to read a failure without rerunning."""
+        lines = [f"cell {self.spec.cell_id}: {self.status}", f"spec: {self.spec.to_dict()}"]
+        if self.outcome.trace is not None:
+            lines.append(f"meta: {self.outcome.trace.meta}")
+        lines += [f"  {v.status:5s} {v.invariant}: {v.message}" + (f" [known: {v.reason}]" if v.reason else "")
+                  for v in self.verdicts]
+        return "\n".join(lines)
+
+
+def evaluate(outcome: CellOutcome) -> CellResult:
+    """Check every invariant the cell declares, then apply the known-deviations table."""
+    if not outcome.ok:
+        kind = "timed out" if outcome.timed_out else "raised"
+        return CellResult(outcome, [Verdict("completes", "fail", f"[{outcome.spec.cell_id}] {kind}:\n{outcome.error}")])
+    trace = outcome.trace
+    verdicts = [Verdict("completes", "pass")] + check(trace, reference_trace(outcome.spec), outcome.spec.invariants)
+    versions = trace.meta.get("versions") or package_versions()
+    for verdict in verdicts:
+        known = deviations.find(trace.spec, verdict.invariant, versions)
+        if known is None:
+            continue
+        verdict.reason = f"{known.reason} {known.link}".strip()
+        if verdict.status == "fail":
+            verdict.status = "xfail"
+        elif verdict.status == "pass":
+            verdict.status, verdict.message = "xpass", f"known deviation no longer reproduces: {verdict.reason}"
+    return CellResult(outcome, verdicts)
+
+
+class PoolSet:
+    """One `RankPool` per world size, started on first use and closed together."""
+
+    def __init__(self, backend: str | None = None) -> None:
+        self.backend = backend
+        self.pools: dict[int, RankPool] = {}
+
+    def run(self, spec: RunSpec) -> CellResult:
+        pool = self.pools.get(spec.world_size)
+        if pool is None:
+            self.close()  # one pool alive at a time: ranks of idle pools would compete for 2 cores
+            pool = self.pools[spec.world_size] = RankPool(spec.world_size, self.backend)
+        return evaluate(pool.run(spec))
+
+    def run_all(self, specs: Iterable[RunSpec], on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
+        results = []
+        for spec in sorted(specs, key=lambda s: s.world_size):  # each pool starts once
+            result = self.run(spec)
+            results.append(result)
+            if on_result:
+                on_result(result)
+        return results
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()
+
+    def __enter__(self) -> PoolSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

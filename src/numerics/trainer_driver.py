@@ -1,0 +1,166 @@
+"""Driver "trainer": the engine driver's cell, trained through ``transformers.Trainer``.
+
+Fine-tuning users rarely call ``deepspeed.initialize`` themselves; they hand a
+DeepSpeed config to ``TrainingArguments`` and let the Trainer and accelerate
+build the engine, scale the loss, step and log. This driver runs that path on
+the same model, data and global batches as the engine driver, and measures
+around the engine the same way, so both drivers answer to the same invariants.
+
+Two Trainer defaults are defeated on purpose: the train dataloader is this
+rank's micro-batches in order (no shuffling, no accelerate sharding), and the
+measurements wrap ``engine.step`` itself, because accelerate's DeepSpeed
+wrapper steps the engine inside ``accelerator.backward``: the Trainer's
+``on_pre_optimizer_step`` callback fires after the update, too late.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, SequentialSampler
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from numerics.data import global_batch, markov_chain, micro_batch_indices
+from numerics.models import build_model, causal_lm_loss, tensor_checksum
+from numerics.spec import OPTIMIZER_DEFAULTS, RunSpec
+from numerics.trace import StepRecord, Trace
+from numerics.train import entropy_floor, full_grads, full_params, global_mean, loss_scale, norm, oracle_loss
+
+
+def training_arguments(spec: RunSpec, output_dir: str) -> TrainingArguments:
+    """Arguments that agree with ``spec.ds_config()`` key for key, so the Trainer fills no
+    "auto" and raises on no mismatch; for a client optimizer the Trainer builds its own."""
+    defaults = OPTIMIZER_DEFAULTS[spec.optimizer]
+    betas = defaults.get("betas", (0.9, 0.999))
+    return TrainingArguments(
+        output_dir=output_dir, deepspeed=spec.ds_config(), use_cpu=not torch.cuda.is_available(),
+        per_device_train_batch_size=spec.micro_batch, gradient_accumulation_steps=spec.grad_accum,
+        max_steps=spec.steps, learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0,
+        optim="adamw_torch" if spec.optimizer == "adamw" else "sgd",
+        optim_args=None if spec.optimizer == "adamw" else f"momentum={defaults['momentum']}",
+        weight_decay=defaults.get("weight_decay", 0.0), adam_beta1=betas[0], adam_beta2=betas[1],
+        adam_epsilon=defaults.get("eps", 1e-8), max_grad_norm=spec.ds_config()["gradient_clipping"],
+        bf16=spec.dtype == "bf16", fp16=spec.dtype == "fp16", seed=spec.seed,
+        logging_steps=1, logging_nan_inf_filter=False, report_to=[], save_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, remove_unused_columns=False,
+    )
+
+
+def rank_micro_batches(spec: RunSpec, rank: int, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's micro-batches in training order (step-major), as the engine driver feeds them."""
+    return [batch[list(micro_batch_indices(spec.global_batch, spec.micro_batch, spec.grad_accum, spec.world_size, rank, micro))]
+            for batch in batches for micro in range(spec.grad_accum)]
+
+
+def measure_step(engine: Any, spec: RunSpec, step: int, batch: torch.Tensor, micro_losses: list[torch.Tensor],
+                 do_step: Callable[[], Any]) -> tuple[StepRecord, dict[str, torch.Tensor]]:
+    """Run ``do_step`` (the optimizer step) with the engine driver's measurements around it.
+
+    Collective under ZeRO: every rank must call it at the same point. The same
+    function could serve ``numerics.train.train_step`` (see the module report).
+    """
+    scale = loss_scale(engine)
+    grads = {k: g / (scale or 1.0) for k, g in full_grads(engine).items()}
+    before = full_params(engine)
+    skipped_before = engine.skipped_steps
+    do_step()
+    after = full_params(engine)
+    record = StepRecord(
+        step=step, loss=global_mean(torch.stack(micro_losses).mean(), engine.device),
+        grad_norm=norm(list(grads.values())), loss_scale=scale,
+        skipped=(engine.skipped_steps > skipped_before) if scale is not None else None,
+        lr=float(engine.get_lr()[0]), update_norm=norm([a - b for a, b in zip(after, before)]),
+        param_norm=norm(after), param_checksums=[tensor_checksum(after)], oracle_loss=oracle_loss(batch),
+        supervised_tokens=spec.global_batch * (spec.seq_len - 1),
+    )
+    return record, grads
+
+
+class NumericsTrainer(Trainer):
+    """A Trainer that feeds the cell's micro-batches in order and keeps each one's true mean loss."""
+
+    def __init__(self, micro_batches: list[torch.Tensor], **kwargs: Any) -> None:
+        rows = [{"input_ids": row, "labels": row} for micro in micro_batches for row in micro]
+        super().__init__(train_dataset=rows, **kwargs)
+        self.micro_losses: list[torch.Tensor] = []
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Sequential and unsharded: the dataset is already this rank's share, in order, and
+        accelerate's prepare would deal its batches round-robin across ranks again."""
+        return DataLoader(self.train_dataset, batch_size=self._train_batch_size, sampler=SequentialSampler(self.train_dataset),
+                          collate_fn=self.data_collator, num_workers=0)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """The Trainer's loss, plus the micro-batch mean recomputed from the logits: the Trainer's
+        own is rescaled by its token count across ranks and accumulation steps."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self.micro_losses.append(causal_lm_loss(outputs.logits.detach(), inputs["labels"]))
+        return (loss, outputs) if return_outputs else loss
+
+
+class StepProbe(TrainerCallback):
+    """Measures each optimizer step around ``engine.step`` and collects what the Trainer logged."""
+
+    def __init__(self, trainer: NumericsTrainer, spec: RunSpec, batches: list[torch.Tensor], trace: Trace) -> None:
+        self.trainer, self.spec, self.batches, self.trace = trainer, spec, batches, trace
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        engine = self.trainer.deepspeed
+        engine.step = partial(self._measured_step, engine, engine.step)  # this instance only; destroyed after the cell
+
+    def _measured_step(self, engine: Any, step_fn: Callable[[], Any]) -> None:
+        step = len(self.trace.steps)
+        record, grads = measure_step(engine, self.spec, step, self.batches[step], self.trainer.micro_losses, step_fn)
+        self.trainer.micro_losses.clear()
+        self.trace.steps.append(record)
+        if step == 0:
+            self.trace.step0_grads = {k: v.numpy() for k, v in grads.items()}
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            record = self.trace.steps[state.global_step - 1]
+            record.grad_norm_reported = logs.get("grad_norm")
+            record.extra.update(logged_loss=logs["loss"], logged_lr=logs.get("learning_rate"))
+
+
+def release(trainer: Trainer | None) -> None:
+    """Undo what a Trainer leaves in a persistent rank: its engine, the global DeepSpeed config
+    that makes later ``from_config`` build under ``zero.Init``, and accelerate's singletons.
+    Resetting the singletons keeps the process group: accelerate only adopts it again."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    if trainer is not None and trainer.deepspeed is not None:
+        trainer.deepspeed.destroy()
+    unset_hf_deepspeed_config()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_trainer_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
+    """Train one cell on this rank through ``transformers.Trainer``; this rank's checksums only."""
+    if spec.fault is not None:
+        raise ValueError(f"{spec.cell_id}: faults act on the engine driver's loop; the trainer driver has no seam for them")
+    started = time.perf_counter()
+    model = build_model(spec.model, spec.seed)
+    trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), meta={**meta, "driver": "trainer"},
+                  init_checksum=tensor_checksum(list(model.parameters())),
+                  entropy_floor=entropy_floor(spec), entropy_rate=markov_chain().entropy_rate)
+    batches = [global_batch(markov_chain(), spec.seq_len, spec.seed, step, spec.global_batch) for step in range(spec.steps)]
+    trainer = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="numerics-trainer-") as output_dir:
+            trainer = NumericsTrainer(rank_micro_batches(spec, rank, batches), model=model,
+                                      args=training_arguments(spec, output_dir))
+            trainer.remove_callback(PrinterCallback)
+            trainer.add_callback(StepProbe(trainer, spec, batches, trace))
+            trainer.train()
+    finally:
+        release(trainer)
+    trace.meta["wall_s"] = time.perf_counter() - started
+    trace.meta["steps_per_s"] = spec.steps / trace.meta["wall_s"]
+    return trace
