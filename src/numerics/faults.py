@@ -10,6 +10,7 @@ the same ranks runs clean.
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -137,6 +138,18 @@ class CausalMaskLeak(Fault):
         return model
 
 
+class RankHangsInReduction(Fault):
+    def on_reduced(self, reduced, local, index, rank, world_size):
+        if rank == 0:
+            time.sleep(3600)  # the other ranks wait in their next collective
+
+
+class RankRaises(Fault):
+    def on_reduced(self, reduced, local, index, rank, world_size):
+        if rank == world_size - 1:
+            raise RuntimeError("injected failure on the last rank")
+
+
 FAULTS: dict[str, Fault] = {
     fault.name: fault
     for fault in [
@@ -158,7 +171,15 @@ FAULTS: dict[str, Fault] = {
         ),
         CausalMaskLeak(
             "causal_mask_leak", "attention sees future tokens",
-            ("no_collapse",), dict(zero_stage=0, steps=24),
+            ("no_collapse",), dict(zero_stage=0, steps=100, lr=1e-2),  # copying the next token takes ~80 steps to learn
+        ),
+        RankHangsInReduction(
+            "rank_hangs", "rank 0 sleeps inside a gradient reduction",
+            ("completes",), dict(zero_stage=1, timeout_s=20.0),
+        ),
+        RankRaises(
+            "rank_raises", "the last rank raises inside a gradient reduction",
+            ("completes",), dict(zero_stage=1),
         ),
     ]
 }

@@ -51,7 +51,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, backend: str, tasks: Any, results: Any, stack_file: str) -> None:
+def _rank_main(rank: int, world_size: int, port: int, backend: str, device_offset: int,
+               tasks: Any, results: Any, stack_file: str) -> None:
     """Body of one rank: start the process group once, then run cells until told to stop."""
     from numerics.platform import rank_environment
 
@@ -68,7 +69,7 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, tasks: Any, 
 
         lifted = lift_cpu_fp16_check()
         if backend == "nccl":
-            torch.cuda.set_device(rank)
+            torch.cuda.set_device(device_offset + rank)
         deepspeed.init_distributed(dist_backend=backend)
         meta = run_metadata(backend, world_size, lifted)
     except BaseException:
@@ -88,11 +89,12 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, tasks: Any, 
 class RankPool:
     """``world_size`` ranks on one backend, started lazily and rebuilt after a failure."""
 
-    def __init__(self, world_size: int, backend: str | None = None) -> None:
+    def __init__(self, world_size: int, backend: str | None = None, device_offset: int = 0) -> None:
         from numerics.platform import choose_backend
 
         self.world_size = world_size
         self.backend = backend or choose_backend(world_size)
+        self.device_offset = device_offset  # first GPU of this pool: pytest-xdist workers get disjoint GPUs
         self._context = mp.get_context("spawn")
         self._processes: list[Any] = []
         self._tasks: list[Any] = []
@@ -112,7 +114,8 @@ class RankPool:
             stack_file = str(self._stack_dir / f"gen{self.generation}-rank{rank}.txt")
             process = self._context.Process(
                 target=_rank_main,
-                args=(rank, self.world_size, port, self.backend, self._tasks[rank], self._results, stack_file),
+                args=(rank, self.world_size, port, self.backend, self.device_offset,
+                      self._tasks[rank], self._results, stack_file),
                 daemon=True,
                 name=f"numerics-rank{rank}",
             )

@@ -69,15 +69,16 @@ def evaluate(outcome: CellOutcome) -> CellResult:
 class PoolSet:
     """One `RankPool` per world size, started on first use and closed together."""
 
-    def __init__(self, backend: str | None = None) -> None:
+    def __init__(self, backend: str | None = None, worker: int = 0) -> None:
         self.backend = backend
+        self.worker = worker  # pytest-xdist worker index: with GPUs, each worker takes its own block
         self.pools: dict[int, RankPool] = {}
 
     def run(self, spec: RunSpec) -> CellResult:
         pool = self.pools.get(spec.world_size)
         if pool is None:
             self.close()  # one pool alive at a time: ranks of idle pools would compete for 2 cores
-            pool = self.pools[spec.world_size] = RankPool(spec.world_size, self.backend)
+            pool = self.pools[spec.world_size] = RankPool(spec.world_size, self.backend, self.worker * spec.world_size)
         return evaluate(pool.run(spec))
 
     def run_all(self, specs: Iterable[RunSpec], on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:

@@ -14,6 +14,7 @@ wrapper steps the engine inside ``accelerator.backward``: the Trainer's
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from functools import partial
@@ -33,16 +34,16 @@ from numerics.train import entropy_floor, full_grads, full_params, global_mean, 
 def training_arguments(spec: RunSpec, output_dir: str) -> TrainingArguments:
     """Arguments that agree with ``spec.ds_config()`` key for key, so the Trainer fills no
     "auto" and raises on no mismatch; for a client optimizer the Trainer builds its own."""
-    defaults = OPTIMIZER_DEFAULTS[spec.optimizer]
+    config, defaults = spec.ds_config(), OPTIMIZER_DEFAULTS[spec.optimizer]
     betas = defaults.get("betas", (0.9, 0.999))
     return TrainingArguments(
-        output_dir=output_dir, deepspeed=spec.ds_config(), use_cpu=not torch.cuda.is_available(),
+        output_dir=output_dir, deepspeed=config, use_cpu=not torch.cuda.is_available(),
         per_device_train_batch_size=spec.micro_batch, gradient_accumulation_steps=spec.grad_accum,
         max_steps=spec.steps, learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0,
         optim="adamw_torch" if spec.optimizer == "adamw" else "sgd",
         optim_args=None if spec.optimizer == "adamw" else f"momentum={defaults['momentum']}",
         weight_decay=defaults.get("weight_decay", 0.0), adam_beta1=betas[0], adam_beta2=betas[1],
-        adam_epsilon=defaults.get("eps", 1e-8), max_grad_norm=spec.ds_config()["gradient_clipping"],
+        adam_epsilon=defaults.get("eps", 1e-8), max_grad_norm=config["gradient_clipping"],
         bf16=spec.dtype == "bf16", fp16=spec.dtype == "fp16", seed=spec.seed,
         logging_steps=1, logging_nan_inf_filter=False, report_to=[], save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, remove_unused_columns=False,
@@ -127,10 +128,21 @@ class StepProbe(TrainerCallback):
             record.extra.update(logged_loss=logs["loss"], logged_lr=logs.get("learning_rate"))
 
 
-def release(trainer: Trainer | None) -> None:
-    """Undo what a Trainer leaves in a persistent rank: its engine, the global DeepSpeed config
-    that makes later ``from_config`` build under ``zero.Init``, and accelerate's singletons.
-    Resetting the singletons keeps the process group: accelerate only adopts it again."""
+def inherited_state() -> list[str]:
+    """Trainer state a cell finds left over in its rank; recorded so a leak shows in the trace."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    found = ["transformers DeepSpeed config"] if deepspeed_config() is not None else []
+    found += [cls.__name__ for cls in (PartialState, AcceleratorState, GradientState) if cls._shared_state]
+    return found + sorted(key for key in os.environ if key.startswith("ACCELERATE_"))
+
+
+def release(trainer: Trainer | None, environ: dict[str, str]) -> None:
+    """Undo what a Trainer leaves in a persistent rank: its engine; the global DeepSpeed config,
+    which makes a later ``from_config`` build under ``zero.Init``; accelerate's singletons
+    (resetting them keeps the process group, accelerate adopts it again); and the environment,
+    where accelerate sets ``ACCELERATE_USE_DEEPSPEED=true`` for every later TrainingArguments."""
     from accelerate.state import AcceleratorState, GradientState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -139,6 +151,9 @@ def release(trainer: Trainer | None) -> None:
     unset_hf_deepspeed_config()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    for key in set(os.environ) - set(environ):
+        del os.environ[key]
+    os.environ.update(environ)
 
 
 def run_trainer_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
@@ -147,11 +162,11 @@ def run_trainer_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
         raise ValueError(f"{spec.cell_id}: faults act on the engine driver's loop; the trainer driver has no seam for them")
     started = time.perf_counter()
     model = build_model(spec.model, spec.seed)
-    trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), meta={**meta, "driver": "trainer"},
+    trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), meta={**meta, "driver": "trainer", "inherited_state": inherited_state()},
                   init_checksum=tensor_checksum(list(model.parameters())),
                   entropy_floor=entropy_floor(spec), entropy_rate=markov_chain().entropy_rate)
     batches = [global_batch(markov_chain(), spec.seq_len, spec.seed, step, spec.global_batch) for step in range(spec.steps)]
-    trainer = None
+    trainer, environ = None, dict(os.environ)
     try:
         with tempfile.TemporaryDirectory(prefix="numerics-trainer-") as output_dir:
             trainer = NumericsTrainer(rank_micro_batches(spec, rank, batches), model=model,
@@ -160,7 +175,7 @@ def run_trainer_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
             trainer.add_callback(StepProbe(trainer, spec, batches, trace))
             trainer.train()
     finally:
-        release(trainer)
+        release(trainer, environ)
     trace.meta["wall_s"] = time.perf_counter() - started
     trace.meta["steps_per_s"] = spec.steps / trace.meta["wall_s"]
     return trace

@@ -1,0 +1,90 @@
+"""``numerics``: run the matrix, build DeepSpeed's CPU ops, run the fault self-test."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from numerics import matrix
+from numerics.report import print_report, write_report
+from numerics.runner import CellResult, PoolSet
+from numerics.spec import RunSpec
+
+
+def make_console() -> Console:
+    """Wide enough for the tables in CI logs, where there is no terminal to size them."""
+    console = make_console()
+    return console if console.is_terminal else Console(width=180)
+
+
+def run_cells(specs: list[RunSpec], backend: str | None, console: Console) -> list[CellResult]:
+    """Run cells with a progress bar that names the cell in flight and the verdict of each."""
+    results: list[CellResult] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress, PoolSet(backend) as pools:
+        task = progress.add_task("matrix", total=len(specs))
+        for spec in sorted(specs, key=lambda s: s.world_size):
+            progress.update(task, description=f"running {spec.cell_id}")
+            result = pools.run(spec)
+            results.append(result)
+            progress.console.print(f"{result.status:5s} {spec.cell_id}  ({result.outcome.wall_s:.1f}s)", highlight=False)
+            progress.advance(task)
+    return results
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    console = make_console()
+    specs = matrix.cells(full=args.full, pattern=args.cells)
+    if args.world_size:
+        specs = [s for s in specs if s.world_size == args.world_size]
+    if not specs:
+        console.print(f"no cells match {args.cells!r}")
+        return 2
+    console.print(f"{len(specs)} cells ({'full product' if args.full else 'covering subset; --full for all'})")
+    results = run_cells(specs, args.backend, console)
+    print_report(results, console)
+    write_report(results, Path(args.report))
+    console.print(f"wrote {args.report}/results.json and {args.report}/junit.xml")
+    return 1 if any(r.status == "fail" for r in results) else 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from numerics.prepare import build_cpu_ops
+
+    for name, seconds in build_cpu_ops().items():
+        print(f"{name}: ready in {seconds:.1f}s")
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from numerics.selftest import detection_table, run_selftest
+
+    console = make_console()
+    rows = run_selftest(args.backend, console)
+    console.print(detection_table(rows))
+    return 0 if all(row.ok for row in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="numerics", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the matrix and write a report")
+    run.add_argument("--full", action="store_true", help="the full product of every axis, not the covering subset")
+    run.add_argument("--cells", metavar="GLOB", help="only cells whose id matches, e.g. 'zero3-*'")
+    run.add_argument("--world-size", type=int, help="only cells of this world size")
+    run.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl with a GPU per rank, else gloo")
+    run.add_argument("--report", default="reports/latest", help="directory for results.json and junit.xml")
+    run.set_defaults(func=cmd_run)
+    sub.add_parser("prepare", help="build DeepSpeed's CPU ops once").set_defaults(func=cmd_prepare)
+    selftest = sub.add_parser("selftest", help="inject every fault and show which invariants catch it")
+    selftest.add_argument("--backend", choices=["gloo", "nccl"])
+    selftest.set_defaults(func=cmd_selftest)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Results a person reads: a table on the terminal, ``results.json`` and ``junit.xml``."""
+from __future__ import annotations
+
+import json
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+from numerics.platform import package_versions
+from numerics.runner import CellResult
+
+STATUS_STYLE = {"pass": "green", "xfail": "yellow", "fail": "bold red"}
+
+
+def final_loss(result: CellResult) -> float | None:
+    trace = result.outcome.trace
+    return trace.steps[-1].loss if trace and trace.steps else None
+
+
+def steps_per_s(result: CellResult) -> float | None:
+    trace = result.outcome.trace
+    return trace.meta.get("steps_per_s") if trace else None
+
+
+def results_table(results: Iterable[CellResult]) -> Table:
+    table = Table(title="Numerics matrix", show_lines=False)
+    for column in ("cell", "verdict", "first failing invariant", "final loss", "steps/s"):
+        table.add_column(column, justify="right" if column in ("final loss", "steps/s") else "left")
+    for result in results:
+        first = result.first_failure
+        loss, speed = final_loss(result), steps_per_s(result)
+        table.add_row(
+            result.spec.cell_id,
+            f"[{STATUS_STYLE[result.status]}]{result.status}[/]",
+            f"{first.invariant}: {first.message.splitlines()[0][:90]}" if first else "",
+            f"{loss:.4f}" if loss is not None else "-",
+            f"{speed:.1f}" if speed is not None else "-",
+        )
+    return table
+
+
+def summary_line(results: list[CellResult]) -> str:
+    counts = {status: sum(r.status == status for r in results) for status in ("pass", "xfail", "fail")}
+    return f"{counts['pass']} passed, {counts['fail']} failed, {counts['xfail']} xfailed (known deviations)"
+
+
+def cell_record(result: CellResult) -> dict:
+    trace = result.outcome.trace
+    return {
+        "cell": result.spec.cell_id,
+        "status": result.status,
+        "spec": result.spec.to_dict(),
+        "verdicts": [vars(v) for v in result.verdicts],
+        "final_loss": final_loss(result),
+        "steps_per_s": steps_per_s(result),
+        "wall_s": result.outcome.wall_s,
+        "error": result.outcome.error,
+        "trace": trace.to_json() if trace else None,
+    }
+
+
+def write_json(results: list[CellResult], path: Path) -> None:
+    data = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions(),
+            "summary": summary_line(results), "cells": [cell_record(r) for r in results]}
+    path.write_text(json.dumps(data, indent=1, default=str))
+
+
+def write_junit(results: list[CellResult], path: Path) -> None:
+    suite = ET.Element("testsuite", name="numerics", tests=str(len(results)),
+                       failures=str(sum(r.status == "fail" for r in results)),
+                       skipped=str(sum(r.status == "xfail" for r in results)))
+    for result in results:
+        case = ET.SubElement(suite, "testcase", classname="numerics.matrix", name=result.spec.cell_id,
+                             time=f"{result.outcome.wall_s:.2f}")
+        first = result.first_failure
+        if result.status == "fail":
+            ET.SubElement(case, "failure", message=f"{first.invariant}: {first.message.splitlines()[0]}").text = result.story()
+        elif result.status == "xfail":
+            ET.SubElement(case, "skipped", message=f"known deviation: {first.reason}").text = result.story()
+    ET.ElementTree(suite).write(path, encoding="unicode", xml_declaration=True)
+
+
+def write_report(results: list[CellResult], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(results, directory / "results.json")
+    write_junit(results, directory / "junit.xml")
+
+
+def print_report(results: list[CellResult], console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(results_table(results))
+    for result in results:
+        if result.status == "fail":
+            console.print(f"[bold red]FAILED[/] {result.story()}", markup=True, highlight=False)
+    console.print(summary_line(results))

@@ -1,0 +1,62 @@
+"""Detection power: every fault injected into a real run, and which invariants fired.
+
+A fault is detected when at least one invariant it targets fails on it; the
+same cell without the fault must pass. No fault may go undetected and no
+clean cell may fail.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from numerics.faults import FAULTS, Fault
+from numerics.runner import CellResult, PoolSet
+from numerics.spec import RunSpec
+
+
+@dataclass
+class DetectionRow:
+    fault: Fault
+    faulty: CellResult
+    clean: CellResult
+
+    @property
+    def fired(self) -> list[str]:
+        return [v.invariant for v in self.faulty.verdicts if v.failed]
+
+    @property
+    def detected(self) -> bool:
+        return bool(set(self.fired) & set(self.fault.targets))
+
+    @property
+    def ok(self) -> bool:
+        return self.detected and self.clean.status != "fail"
+
+
+def fault_cell(fault: Fault, clean: bool = False) -> RunSpec:
+    """The cell a fault runs in; its clean twin has no fault (and the default timeout)."""
+    spec = RunSpec(**fault.cell, fault=fault.name)
+    return spec.with_(fault=None, timeout_s=RunSpec.timeout_s) if clean else spec
+
+
+def run_selftest(backend: str | None, console: Console, names: list[str] | None = None) -> list[DetectionRow]:
+    rows = []
+    with PoolSet(backend) as pools:
+        for name in names or list(FAULTS):
+            fault = FAULTS[name]
+            console.print(f"fault {name}: {fault.summary}", highlight=False)
+            rows.append(DetectionRow(fault, pools.run(fault_cell(fault)), pools.run(fault_cell(fault, clean=True))))
+    return rows
+
+
+def detection_table(rows: list[DetectionRow]) -> Table:
+    table = Table(title="Fault detection")
+    for column in ("fault", "cell", "targets", "invariants that fired", "detected", "clean twin"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.fault.name, row.faulty.spec.with_(fault=None).cell_id, ", ".join(row.fault.targets),
+                      ", ".join(row.fired) or "-", "[green]yes[/]" if row.detected else "[bold red]NO[/]",
+                      row.clean.status)
+    return table

@@ -1,0 +1,21 @@
+"""The default matrix (``--numerics-full`` for the full product): every cell passes or is a known deviation."""
+import pytest
+
+from numerics import matrix
+from numerics.plugin import expect_pass
+
+pytestmark = pytest.mark.multigpu
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cell" in metafunc.fixturenames:
+        config = metafunc.config
+        specs = matrix.cells(full=config.getoption("numerics_full"))
+        if config.getoption("world_size"):
+            specs = [s for s in specs if s.world_size == config.getoption("world_size")]
+        specs.sort(key=lambda s: s.world_size)  # each pool starts once
+        metafunc.parametrize("cell", specs, ids=[s.cell_id for s in specs])
+
+
+def test_cell(cell, run_cell):
+    expect_pass(run_cell(cell))
