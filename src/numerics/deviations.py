@@ -26,9 +26,9 @@ class Deviation:
     def applies(self, spec: dict[str, Any], invariant: str, versions: dict[str, str | None]) -> bool:
         if invariant != self.invariant or any(spec.get(k) != v for k, v in self.cell.items()):
             return False
-        for package, spec in self.versions.items():
+        for package, specifier in self.versions.items():
             installed = versions.get(package)
-            if installed is None or Version(installed).base_version not in SpecifierSet(spec):
+            if installed is None or Version(installed).base_version not in SpecifierSet(specifier):
                 return False
         return True
 

@@ -112,8 +112,9 @@ def _spike(trace: Trace, name: str, field: str, ratio: float) -> Verdict:
         median = statistics.median(window)
         value = getattr(records[index], field)
         if value > ratio * median:
+            times = f"{value / median:.1f}x" if median > 0 else "above"
             return _fail(name, trace, records[index].step,
-                         f"{field} {value:.4g} is {value / median:.1f}x its running median {median:.4g} (bound {ratio:g}x)")
+                         f"{field} {value:.4g} is {times} its running median {median:.4g} (bound {ratio:g}x)")
     return _pass(name)
 
 

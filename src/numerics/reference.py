@@ -14,11 +14,11 @@ from typing import Iterator
 
 import torch
 
-from numerics.data import global_batch, markov_chain
 from numerics.models import build_model, tensor_checksum
 from numerics.spec import RunSpec
 from numerics.trace import StepRecord, Trace
-from numerics.train import build_optimizer, entropy_floor, norm, oracle_loss
+from numerics.train import build_optimizer, norm
+from numerics.workloads import get_workload
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,11 @@ class ReferenceKey:
     seed: int
     seq_len: int
     global_batch: int
+    workload: str
 
     @classmethod
     def of(cls, spec: RunSpec) -> ReferenceKey:
-        return cls(spec.model, spec.optimizer, spec.lr, spec.steps, spec.seed, spec.seq_len, spec.global_batch)
+        return cls(spec.model, spec.optimizer, spec.lr, spec.steps, spec.seed, spec.seq_len, spec.global_batch, spec.workload)
 
 
 @contextmanager
@@ -56,29 +57,30 @@ def reference_trace(spec: RunSpec) -> Trace:
 @cache
 def _reference(key: ReferenceKey) -> Trace:
     spec = RunSpec(model=key.model, optimizer=key.optimizer, lr=key.lr, steps=key.steps, seed=key.seed,
-                   seq_len=key.seq_len, world_size=1, micro_batch=key.global_batch, grad_accum=1)
+                   seq_len=key.seq_len, world_size=1, micro_batch=key.global_batch, grad_accum=1, workload=key.workload)
+    workload = get_workload(spec.workload)
     started = time.perf_counter()
     with single_thread():
         model = build_model(spec.model, spec.seed)
         trace = Trace(cell=f"reference-{spec.model}-{spec.optimizer}", spec=spec.to_dict(),
                       init_checksum=tensor_checksum(list(model.parameters())),
-                      entropy_floor=entropy_floor(spec), entropy_rate=markov_chain().entropy_rate,
+                      entropy_floor=workload.entropy_floor(spec), entropy_rate=workload.entropy_rate(),
                       meta={"driver": "plain torch, fp32, one process"})
         optimizer = build_optimizer(spec, model.parameters())
         for step in range(spec.steps):
-            batch = global_batch(markov_chain(), spec.seq_len, spec.seed, step, spec.global_batch)
+            batch = workload.step_batch(spec, step)
             optimizer.zero_grad(set_to_none=True)
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = workload.loss(model(**batch), batch, spec)
             loss.backward()
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
             before = [p.detach().clone() for p in model.parameters()]
             optimizer.step()
             after = [p.detach().clone() for p in model.parameters()]
             trace.steps.append(StepRecord(
-                step=step, loss=float(loss), grad_norm=norm(list(grads.values())),
+                step=step, loss=loss.item(), grad_norm=norm(list(grads.values())),
                 lr=spec.lr, update_norm=norm([a - b for a, b in zip(after, before)]), param_norm=norm(after),
-                param_checksums=[tensor_checksum(after)], oracle_loss=oracle_loss(batch),
-                supervised_tokens=spec.global_batch * (spec.seq_len - 1),
+                param_checksums=[tensor_checksum(after)], oracle_loss=workload.oracle_loss(batch),
+                supervised_tokens=workload.supervised_tokens(batch),
             ))
             if step == 0:
                 trace.step0_grads = {n: g.numpy() for n, g in grads.items()}

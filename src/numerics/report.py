@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from numerics.platform import package_versions
 from numerics.runner import CellResult
 
 STATUS_STYLE = {"pass": "green", "xfail": "yellow", "fail": "bold red"}
+
+
+def headline(message: str) -> str:
+    return (message.splitlines() or [""])[0]
 
 
 def final_loss(result: CellResult) -> float | None:
@@ -34,9 +40,9 @@ def results_table(results: Iterable[CellResult]) -> Table:
         first = result.first_failure
         loss, speed = final_loss(result), steps_per_s(result)
         table.add_row(
-            result.spec.cell_id,
+            escape(result.spec.cell_id),
             f"[{STATUS_STYLE[result.status]}]{result.status}[/]",
-            f"{first.invariant}: {first.message.splitlines()[0][:90]}" if first else "",
+            escape(f"{first.invariant}: {headline(first.message)[:90]}") if first else "",
             f"{loss:.4f}" if loss is not None else "-",
             f"{speed:.1f}" if speed is not None else "-",
         )
@@ -63,10 +69,21 @@ def cell_record(result: CellResult) -> dict:
     }
 
 
+def finite_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def write_json(results: list[CellResult], path: Path) -> None:
     data = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions(),
             "summary": summary_line(results), "cells": [cell_record(r) for r in results]}
-    path.write_text(json.dumps(data, indent=1, default=str))
+    # Non-finite floats become strings: bare NaN is not JSON, and a NaN loss is exactly what a report must show.
+    path.write_text(json.dumps(finite_json(data), indent=1, default=str, allow_nan=False))
 
 
 def write_junit(results: list[CellResult], path: Path) -> None:
@@ -78,7 +95,7 @@ def write_junit(results: list[CellResult], path: Path) -> None:
                              time=f"{result.outcome.wall_s:.2f}")
         first = result.first_failure
         if result.status == "fail":
-            ET.SubElement(case, "failure", message=f"{first.invariant}: {first.message.splitlines()[0]}").text = result.story()
+            ET.SubElement(case, "failure", message=f"{first.invariant}: {headline(first.message)}").text = result.story()
         elif result.status == "xfail":
             ET.SubElement(case, "skipped", message=f"known deviation: {first.reason}").text = result.story()
     ET.ElementTree(suite).write(path, encoding="unicode", xml_declaration=True)
@@ -95,5 +112,5 @@ def print_report(results: list[CellResult], console: Console | None = None) -> N
     console.print(results_table(results))
     for result in results:
         if result.status == "fail":
-            console.print(f"[bold red]FAILED[/] {result.story()}", markup=True, highlight=False)
+            console.print(f"[bold red]FAILED[/] {escape(result.story())}", markup=True, highlight=False)
     console.print(summary_line(results))

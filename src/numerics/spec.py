@@ -99,6 +99,7 @@ class RunSpec:
     seed: int = 0
     seq_len: int = 32
     driver: str = "engine"
+    workload: str = "markov"
     fault: str | None = None
     timeout_s: float = 180.0
     # Extra DeepSpeed keys as JSON text, merged last (a frozen dataclass needs a hashable field).
@@ -133,6 +134,8 @@ class RunSpec:
             parts.append(f"buckets_{self.buckets}")
         if self.driver != "engine":
             parts.append(self.driver)
+        if self.workload != "markov":
+            parts.append(self.workload)
         if self.seed:
             parts.append(f"seed{self.seed}")
         if self.fault:
@@ -172,6 +175,9 @@ class RunSpec:
         one_of("optimizer_source", self.optimizer_source, OPTIMIZER_SOURCES)
         one_of("buckets", self.buckets, BUCKETS)
         one_of("driver", self.driver, DRIVERS)
+        from numerics.workloads import WORKLOADS  # late: workloads import torch
+
+        one_of("workload", self.workload, tuple(WORKLOADS))
         for name in ("world_size", "micro_batch", "grad_accum", "steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -15,14 +15,13 @@ import time
 from contextlib import nullcontext
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from numerics.data import global_batch, markov_chain, micro_batch_indices
+from numerics.data import micro_batch_indices
 from numerics.models import build_model, tensor_checksum
 from numerics.spec import OPTIMIZER_DEFAULTS, RunSpec
-from numerics.thresholds import THRESHOLDS
+from numerics.workloads import get_workload, slice_batch
 from numerics.trace import StepRecord, Trace
 
 def build_optimizer(spec: RunSpec, params: Iterator[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -32,17 +31,6 @@ def build_optimizer(spec: RunSpec, params: Iterator[torch.nn.Parameter]) -> torc
         options["betas"] = tuple(options["betas"])
         return torch.optim.AdamW(params, lr=spec.lr, **options)
     return torch.optim.SGD(params, lr=spec.lr, **options)
-
-
-def oracle_loss(batch: torch.Tensor) -> float:
-    """Mean surprisal of the batch's next tokens under the true chain."""
-    chain = markov_chain()
-    src, dst = batch[:, :-1].numpy(), batch[:, 1:].numpy()
-    return float(-np.log(chain.transition[src, dst]).mean())
-
-
-def entropy_floor(spec: RunSpec) -> float:
-    return markov_chain().floor(spec.global_batch * (spec.seq_len - 1), THRESHOLDS.entropy_floor_sigmas)
 
 
 def loss_scale(engine: Any) -> float | None:
@@ -100,14 +88,15 @@ def norm(tensors: list[torch.Tensor]) -> float:
 
 
 def train_step(engine: Any, spec: RunSpec, step: int, rank: int, fault: Any) -> tuple[StepRecord, dict[str, torch.Tensor]]:
-    batch = global_batch(markov_chain(), spec.seq_len, spec.seed, step, spec.global_batch)
+    workload = get_workload(spec.workload)
+    batch = workload.step_batch(spec, step)
     losses = []
     for micro in range(spec.grad_accum):
-        ids = batch[list(micro_batch_indices(spec.global_batch, spec.micro_batch, spec.grad_accum, spec.world_size, rank, micro))]
-        ids = ids.to(engine.device)
-        output = engine(input_ids=ids, labels=ids)
-        fault.backward(engine, output.loss)
-        losses.append(output.loss.detach().float())
+        indices = micro_batch_indices(spec.global_batch, spec.micro_batch, spec.grad_accum, spec.world_size, rank, micro)
+        inputs = {k: v.to(engine.device) for k, v in slice_batch(batch, indices).items()}
+        loss = workload.loss(engine(**inputs), inputs, spec)
+        fault.backward(engine, loss)
+        losses.append(loss.detach().float())
         if micro < spec.grad_accum - 1:
             engine.step()  # DeepSpeed counts micro-steps in step(); it only applies the update at the boundary
     scale = loss_scale(engine)
@@ -127,8 +116,8 @@ def train_step(engine: Any, spec: RunSpec, step: int, rank: int, fault: Any) -> 
         update_norm=norm([a - b for a, b in zip(after, before)]),
         param_norm=norm(after),
         param_checksums=[tensor_checksum(after)],
-        oracle_loss=oracle_loss(batch),
-        supervised_tokens=spec.global_batch * (spec.seq_len - 1),
+        oracle_loss=workload.oracle_loss(batch),
+        supervised_tokens=workload.supervised_tokens(batch),
     )
     return record, grads
 
@@ -151,8 +140,9 @@ def run_engine_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
         model_parameters=None if client else [p for p in model.parameters() if p.requires_grad],
         config=spec.ds_config(),
     )
+    workload = get_workload(spec.workload)
     trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), meta=dict(meta), init_checksum=init_checksum,
-                  entropy_floor=entropy_floor(spec), entropy_rate=markov_chain().entropy_rate)
+                  entropy_floor=workload.entropy_floor(spec), entropy_rate=workload.entropy_rate())
     try:
         with fault.installed(engine, spec, rank):
             for step in range(spec.steps):

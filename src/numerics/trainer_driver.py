@@ -33,7 +33,8 @@ from numerics.train import entropy_floor, full_grads, full_params, global_mean, 
 
 def training_arguments(spec: RunSpec, output_dir: str) -> TrainingArguments:
     """Arguments that agree with ``spec.ds_config()`` key for key, so the Trainer fills no
-    "auto" and raises on no mismatch; for a client optimizer the Trainer builds its own."""
+    "auto" and finds no mismatch. A client optimizer is the Trainer's own (``optim``): under
+    DeepSpeed, ``deepspeed_init`` drops one passed as ``optimizers=(opt, None)``."""
     config, defaults = spec.ds_config(), OPTIMIZER_DEFAULTS[spec.optimizer]
     betas = defaults.get("betas", (0.9, 0.999))
     return TrainingArguments(
@@ -60,8 +61,8 @@ def measure_step(engine: Any, spec: RunSpec, step: int, batch: torch.Tensor, mic
                  do_step: Callable[[], Any]) -> tuple[StepRecord, dict[str, torch.Tensor]]:
     """Run ``do_step`` (the optimizer step) with the engine driver's measurements around it.
 
-    Collective under ZeRO: every rank must call it at the same point. The same
-    function could serve ``numerics.train.train_step`` (see the module report).
+    Collective under ZeRO: every rank must call it at the same point. Shaped so that
+    ``numerics.train.train_step`` could call it too, passing ``engine.step``.
     """
     scale = loss_scale(engine)
     grads = {k: g / (scale or 1.0) for k, g in full_grads(engine).items()}
@@ -91,7 +92,7 @@ class NumericsTrainer(Trainer):
     def get_train_dataloader(self) -> DataLoader:
         """Sequential and unsharded: the dataset is already this rank's share, in order, and
         accelerate's prepare would deal its batches round-robin across ranks again."""
-        return DataLoader(self.train_dataset, batch_size=self._train_batch_size, sampler=SequentialSampler(self.train_dataset),
+        return DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size, sampler=SequentialSampler(self.train_dataset),
                           collate_fn=self.data_collator, num_workers=0)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -134,20 +135,31 @@ def inherited_state() -> list[str]:
     from transformers.integrations.deepspeed import deepspeed_config
 
     found = ["transformers DeepSpeed config"] if deepspeed_config() is not None else []
+    found += ["ZeRO-3 torch.nn.functional.linear"] if torch.nn.functional.linear is not _torch_linear() else []
     found += [cls.__name__ for cls in (PartialState, AcceleratorState, GradientState) if cls._shared_state]
     return found + sorted(key for key in os.environ if key.startswith("ACCELERATE_"))
 
 
+def _torch_linear() -> Callable[..., torch.Tensor]:
+    """``torch.nn.functional.linear`` as torch defines it, wherever ZeRO-3 put it aside."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    return getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", torch.nn.functional.linear)
+
+
 def release(trainer: Trainer | None, environ: dict[str, str]) -> None:
-    """Undo what a Trainer leaves in a persistent rank: its engine; the global DeepSpeed config,
-    which makes a later ``from_config`` build under ``zero.Init``; accelerate's singletons
-    (resetting them keeps the process group, accelerate adopts it again); and the environment,
-    where accelerate sets ``ACCELERATE_USE_DEEPSPEED=true`` for every later TrainingArguments."""
+    """Undo what a Trainer leaves in a persistent rank: its engine; ZeRO-3's memory-efficient
+    ``torch.nn.functional.linear``, which DeepSpeed leaves installed and which changes the last
+    bits of every later cell; the global DeepSpeed config, which makes a later ``from_config``
+    build under ``zero.Init``; accelerate's singletons (resetting them keeps the process group,
+    accelerate adopts it again); and the environment, where accelerate leaves
+    ``ACCELERATE_USE_DEEPSPEED=true`` for every later TrainingArguments."""
     from accelerate.state import AcceleratorState, GradientState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     if trainer is not None and trainer.deepspeed is not None:
         trainer.deepspeed.destroy()
+    torch.nn.functional.linear = _torch_linear()
     unset_hf_deepspeed_config()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

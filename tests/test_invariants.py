@@ -1,0 +1,123 @@
+"""Every invariant passes on a healthy trace and fails, naming the step, on a hand-made bad one."""
+import copy
+import math
+
+import numpy as np
+import pytest
+
+from numerics.data import markov_chain
+from numerics.invariants import INVARIANTS, check
+from numerics.spec import RunSpec
+from numerics.thresholds import TOLERANCES, tolerance
+from numerics.trace import StepRecord, Trace
+from numerics.workloads import get_workload
+
+STEPS = 16
+SPEC = RunSpec(zero_stage=2, dtype="fp32")
+
+
+def make_trace(losses=None, grad_norms=None, reported="same", checksums=2, spec=SPEC, **fields) -> Trace:
+    """A healthy 16-step trace (loss 4.1 -> ~3.7, grad norm ~1 decaying) unless told otherwise."""
+    losses = list(np.linspace(4.1, 3.7, STEPS)) if losses is None else losses
+    grad_norms = [1.0 - 0.01 * i for i in range(len(losses))] if grad_norms is None else grad_norms
+    reported = grad_norms if reported == "same" else reported
+    steps = [StepRecord(step=i, loss=float(loss), grad_norm=g, grad_norm_reported=r,
+                        param_checksums=[f"sum{i}"] * checksums)
+             for i, (loss, g, r) in enumerate(zip(losses, grad_norms, reported))]
+    defaults = dict(init_checksum="init0", step0_grads={"w": np.ones((3, 4)), "b": np.full(5, 0.5)},
+                    entropy_rate=markov_chain().entropy_rate, entropy_floor=get_workload("markov").entropy_floor(spec))
+    return Trace(cell=spec.cell_id, spec=spec.to_dict(), steps=steps, **{**defaults, **fields})
+
+
+def verdict(name, trace, reference="self"):
+    reference = copy.deepcopy(make_trace()) if reference == "self" else reference
+    return check(trace, reference, (name,))[0]
+
+
+def with_step(values, step, value):
+    values = list(values)
+    values[step] = value
+    return values
+
+
+GOOD_LOSSES = make_trace().values("loss")
+GOOD_GRADS = make_trace().values("grad_norm")
+
+
+@pytest.mark.parametrize("name", sorted(INVARIANTS))
+def test_good_trace_passes_every_invariant(name):
+    assert verdict(name, make_trace()).status == "pass"
+
+
+@pytest.mark.parametrize("name, trace, step", [
+    ("finite", make_trace(losses=with_step(GOOD_LOSSES, 7, math.nan)), 7),
+    ("no_collapse", make_trace(losses=[*GOOD_LOSSES[:10], *[0.0] * 6]), 10),
+    ("no_collapse", make_trace(grad_norms=with_step(GOOD_GRADS, 8, 0.0)), 8),
+    ("no_spike", make_trace(grad_norms=with_step(GOOD_GRADS, 9, 1000 * GOOD_GRADS[9])), 9),
+    ("learns", make_trace(losses=[4.1] * STEPS), None),
+    ("parity_loss", make_trace(losses=[x * (1.01 if i >= 5 else 1) for i, x in enumerate(GOOD_LOSSES)]), 5),
+    ("parity_grad_norm", make_trace(grad_norms=[x * (1.5 if i >= 5 else 1) for i, x in enumerate(GOOD_GRADS)]), 5),
+    ("replicas_agree", make_trace(), 3),
+    ("init_matches", make_trace(init_checksum="other"), 0),
+    ("step0_grads", make_trace(step0_grads={"w": np.ones((3, 4)) * 1.1, "b": np.full(5, 0.5)}), 0),
+    ("grad_norm_agrees", make_trace(reported=[2 * g for g in GOOD_GRADS]), 0),
+])
+def test_bad_trace_fails_naming_the_step(name, trace, step):
+    if name == "replicas_agree":
+        trace.steps[3].param_checksums = ["sum3", "drifted"]
+    result = verdict(name, trace)
+    assert result.status == "fail" and result.failed
+    assert result.step == step
+    assert f"[{SPEC.cell_id}]" in result.message
+    if step is not None:
+        assert f"at step {step}:" in result.message
+
+
+def test_finite_ignores_inf_grad_norm_of_a_skipped_fp16_step():
+    trace = make_trace(grad_norms=with_step(GOOD_GRADS, 4, math.inf))
+    trace.steps[4].skipped = True
+    assert verdict("finite", trace).status == "pass"
+
+
+@pytest.mark.parametrize("dtype, comm_dtype, rtol, status", [
+    ("fp32", None, 1e-6, "pass"),
+    ("fp32", None, 1e-3, "fail"),
+    ("bf16", None, 1e-3, "pass"),
+    ("fp32", "bf16", 1e-3, "pass"),  # the comm dtype coarsens the cell's tolerance
+])
+def test_parity_tolerance_follows_the_coarser_dtype(dtype, comm_dtype, rtol, status):
+    spec = SPEC.with_(dtype=dtype, comm_dtype=comm_dtype)
+    trace = make_trace(losses=[x * (1 + rtol) for x in GOOD_LOSSES], spec=spec)
+    assert verdict("parity_loss", trace).status == status
+
+
+@pytest.mark.parametrize("name", ["parity_loss", "parity_grad_norm", "init_matches", "step0_grads"])
+def test_reference_invariants_are_na_without_a_reference(name):
+    assert verdict(name, make_trace(), reference=None).status == "n/a"
+
+
+@pytest.mark.parametrize("name, trace", [
+    ("grad_norm_agrees", make_trace(reported=[None] * STEPS)),
+    ("replicas_agree", make_trace(checksums=1)),
+    ("no_collapse", make_trace(entropy_rate=None, entropy_floor=None)),
+    ("learns", make_trace(losses=GOOD_LOSSES[:5])),
+])
+def test_missing_data_gives_na_never_pass(name, trace):
+    assert verdict(name, trace).status == "n/a"
+
+
+@pytest.mark.parametrize("dtype, comm_dtype, expected", [
+    ("fp32", None, "fp32"), ("fp32", "bf16", "bf16"), ("bf16", "fp32", "bf16"),
+    ("fp16", "bf16", "bf16"), ("fp32", "fp16", "fp16"),
+])
+def test_tolerance_is_the_coarser_of_dtype_and_comm_dtype(dtype, comm_dtype, expected):
+    assert tolerance(dtype, comm_dtype) is TOLERANCES[expected]
+
+
+def test_spike_after_vanished_gradients_is_a_verdict_not_a_crash():
+    assert verdict("no_spike", make_trace(grad_norms=[0.0] * 4 + [1.0] * 12)).status == "fail"
+
+
+def test_check_rejects_unknown_invariants():
+    with pytest.raises(KeyError, match="no_such"):
+        check(make_trace(), None, ("finite", "no_such"))

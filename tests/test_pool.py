@@ -1,0 +1,42 @@
+"""The rank pool: cells after a fault or a failure run as in a fresh spawn, bit for bit;
+a hung cell fails within its timeout with every rank's stacks; fp32 is reproducible."""
+import pytest
+
+from numerics.launcher import RankPool
+from numerics.spec import RunSpec
+
+pytestmark = pytest.mark.multigpu
+
+PROBE = RunSpec(zero_stage=2, steps=6)  # fp32: traces must match bit for bit
+
+
+def fingerprint(result) -> list[tuple]:
+    trace = result.outcome.trace
+    assert trace is not None, result.story()
+    return [(s.loss, s.grad_norm, tuple(s.param_checksums)) for s in trace.steps]
+
+
+@pytest.fixture(scope="module")
+def fresh_probe():
+    with RankPool(PROBE.world_size) as pool:
+        outcome = pool.run(PROBE)
+    assert outcome.ok, outcome.error
+    return [(s.loss, s.grad_norm, tuple(s.param_checksums)) for s in outcome.trace.steps]
+
+
+@pytest.mark.parametrize("fault", ["rank_skips_reduction", "causal_mask_leak", "rank_raises", "grad_not_divided_by_ws"])
+def test_cell_after_fault_matches_fresh_spawn(fault, run_cell, fresh_probe):
+    run_cell(PROBE.with_(fault=fault, zero_stage=0 if fault == "rank_skips_reduction" else 2, steps=3))
+    assert fingerprint(run_cell(PROBE)) == fresh_probe
+
+
+def test_fp32_trace_is_bit_identical_twice(run_cell):
+    assert fingerprint(run_cell(PROBE)) == fingerprint(run_cell(PROBE))
+
+
+def test_hung_cell_fails_within_timeout_with_stacks(run_cell):
+    hung = run_cell(PROBE.with_(fault="rank_hangs", timeout_s=15.0))
+    assert hung.outcome.timed_out and hung.status == "fail"
+    assert hung.outcome.wall_s < 15.0 + 5.0
+    assert "rank 0 stacks" in hung.outcome.error and "on_reduced" in hung.outcome.error, hung.outcome.error
+    assert run_cell(PROBE).status == "pass"
