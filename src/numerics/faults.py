@@ -35,6 +35,10 @@ class Fault:
     def backward(self, engine: Any, loss: torch.Tensor) -> None:
         engine.backward(loss)
 
+    def adapter_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for ``peft.get_peft_model`` (LoRA cells)."""
+        return {}
+
     def on_reduced(self, reduced: torch.Tensor, local: torch.Tensor, index: int, rank: int, world_size: int) -> None:
         """Called after each gradient reduction with its output and this rank's input."""
 
@@ -138,6 +142,23 @@ class CausalMaskLeak(Fault):
         return model
 
 
+class LossyReduction(Fault):
+    """Gradients cross the wire as loss-scaled fp16 that saturates: large entries are clipped,
+    small ones flushed, the result still finite (the comm-dtype incident class)."""
+
+    def on_reduced(self, reduced, local, index, rank, world_size):
+        scale = 2.0**20
+        lossy = (reduced * scale).clamp(-65504, 65504).to(torch.float16).to(reduced.dtype) / scale
+        reduced.copy_(lossy)
+
+
+class AdaptersInBaseDtype(Fault):
+    """LoRA adapters created in the base model's dtype (PEFT 0.7.0's behaviour), not fp32."""
+
+    def adapter_options(self) -> dict[str, Any]:
+        return {"autocast_adapter_dtype": False}
+
+
 class RankHangsInReduction(Fault):
     def on_reduced(self, reduced, local, index, rank, world_size):
         if rank == 0:
@@ -172,6 +193,15 @@ FAULTS: dict[str, Fault] = {
         CausalMaskLeak(
             "causal_mask_leak", "attention sees future tokens",
             ("no_collapse",), dict(zero_stage=0, steps=100, lr=1e-2),  # copying the next token takes ~80 steps to learn
+        ),
+        LossyReduction(
+            "lossy_reduction", "gradients round-trip through saturating, loss-scaled fp16 in the reduction",
+            ("step0_grads", "parity_grad_norm"), dict(zero_stage=2),
+        ),
+        AdaptersInBaseDtype(
+            "adapters_in_base_dtype", "LoRA adapters in the fp16 base dtype, stepped by a client Adam at ZeRO-0",
+            ("adapter_dtype_policy", "finite"),
+            dict(zero_stage=0, lora=True, base_dtype="fp16", optimizer_source="client", lr=1e-2),
         ),
         RankHangsInReduction(
             "rank_hangs", "rank 0 sleeps inside a gradient reduction",

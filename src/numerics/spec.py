@@ -19,7 +19,7 @@ MODELS = ("llama", "mlp")
 OPTIMIZERS = ("adamw", "sgd")
 OPTIMIZER_SOURCES = ("config", "client")
 BUCKETS = ("scaled", "default")
-DRIVERS = ("engine", "trainer")
+DRIVERS = ("engine", "trainer", "resume", "epochs")  # see cells.py
 
 # Keys of the ZeRO templates that are scaled to the tiny model; the
 # ``buckets="default"`` cells drop them to run DeepSpeed's own defaults.
@@ -100,6 +100,8 @@ class RunSpec:
     seq_len: int = 32
     driver: str = "engine"
     workload: str = "markov"
+    lora: bool = False  # wrap the model with PEFT LoRA adapters (attention and MLP projections)
+    base_dtype: str = "fp32"  # dtype the base model is loaded in; matters where DeepSpeed precision is off
     fault: str | None = None
     timeout_s: float = 180.0
     # Extra DeepSpeed keys as JSON text, merged last (a frozen dataclass needs a hashable field).
@@ -128,6 +130,8 @@ class RunSpec:
             parts.append(f"ga{self.grad_accum}")
         if self.model != "llama":
             parts.append(self.model)
+        if self.lora:
+            parts.append(f"lora_base_{self.base_dtype}")
         if self.optimizer != "adamw" or self.optimizer_source != "config":
             parts.append(f"{self.optimizer_source}_{self.optimizer}")
         if self.buckets != "scaled":
@@ -169,6 +173,7 @@ class RunSpec:
 
         one_of("model", self.model, MODELS)
         one_of("dtype", self.dtype, DTYPES)
+        one_of("base_dtype", self.base_dtype, DTYPES)
         one_of("comm_dtype", self.comm_dtype, COMM_DTYPES)
         one_of("zero_stage", self.zero_stage, (0, 1, 2, 3))
         one_of("optimizer", self.optimizer, OPTIMIZERS)
@@ -182,6 +187,8 @@ class RunSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise SpecError(f"{name}={value!r} must be a positive integer")
+        if self.base_dtype != "fp32" and not self.lora:
+            raise SpecError(f"base_dtype={self.base_dtype!r} needs lora=True: full fine-tuning loads fp32 and lets `dtype` cast")
         if self.seq_len < 2:
             raise SpecError(f"seq_len={self.seq_len} must be at least 2 (one input, one target)")
         if not self.lr > 0:
