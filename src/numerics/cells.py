@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from numerics.spec import RunSpec
 from numerics.trace import Trace
@@ -16,6 +18,19 @@ DRIVERS = {
 }
 
 
+def torch_linear() -> Callable[..., torch.Tensor]:
+    """``torch.nn.functional.linear`` as torch defines it, wherever ZeRO-3 put it aside."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    return getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", torch.nn.functional.linear)
+
+
 def run_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
+    """Run the cell's driver, then undo what DeepSpeed leaves in a persistent rank: ZeRO-3
+    installs a memory-efficient ``torch.nn.functional.linear`` and never restores it, which
+    changes the last bits of every later cell."""
     module, function = DRIVERS[spec.driver].split(":")
-    return getattr(import_module(module), function)(spec, rank, meta)
+    try:
+        return getattr(import_module(module), function)(spec, rank, meta)
+    finally:
+        torch.nn.functional.linear = torch_linear()

@@ -60,7 +60,8 @@ def _fail(name: str, trace: Trace, step: int | None, message: str) -> Verdict:
 
 
 def _tolerance(trace: Trace):
-    return tolerance(trace.spec.get("dtype", "fp32"), trace.spec.get("comm_dtype"))
+    spec = trace.spec
+    return tolerance(spec.get("dtype", "fp32"), spec.get("comm_dtype"), spec.get("base_dtype"))
 
 
 def _applied(trace: Trace) -> list:
@@ -229,6 +230,60 @@ def assert_replicas_agree(trace: Trace, reference: Trace | None) -> Verdict:
     if not any(len(r.param_checksums) > 1 for r in trace.steps):
         return _na("replicas_agree", "single rank")
     return _pass("replicas_agree")
+
+
+def _needs(trace: Trace, name: str, *keys: str) -> Verdict | None:
+    missing = [k for k in keys if k not in trace.meta]
+    return _na(name, f"not a LoRA cell (no {', '.join(missing)})") if missing else None
+
+
+@invariant("adapter_dtype_policy")
+def assert_adapter_dtype_policy(trace: Trace, reference: Trace | None) -> Verdict:
+    """The tensors the optimizer steps are fp32: fp16 cannot hold Adam's eps (1e-8) or small updates."""
+    if (na := _needs(trace, "adapter_dtype_policy", "stepped_dtypes")) is not None:
+        return na
+    stepped, state = trace.meta["stepped_dtypes"], trace.meta.get("optimizer_state_dtypes", [])
+    low = sorted({d for d in stepped + state if d != "torch.float32"})
+    if low:
+        return _fail("adapter_dtype_policy", trace, None,
+                     f"{trace.meta['optimizer']} steps {stepped} tensors (optimizer state {state}) with trainable "
+                     f"parameters {trace.meta['trainable_dtypes']}: a pure-{'/'.join(low)} update, no fp32 master copy")
+    return _pass("adapter_dtype_policy", f"steps {stepped}")
+
+
+@invariant("frozen_base_unchanged")
+def assert_frozen_base_unchanged(trace: Trace, reference: Trace | None) -> Verdict:
+    """Frozen base weights are bit-identical after training to what they were after initialize."""
+    if (na := _needs(trace, "frozen_base_unchanged", "frozen_checksum_start", "frozen_checksum_end")) is not None:
+        return na
+    start, end = trace.meta["frozen_checksum_start"], trace.meta["frozen_checksum_end"]
+    if start != end:
+        return _fail("frozen_base_unchanged", trace, None, f"frozen weights changed: checksum {start} -> {end}")
+    return _pass("frozen_base_unchanged")
+
+
+@invariant("adapters_learn")
+def assert_adapters_learn(trace: Trace, reference: Trace | None) -> Verdict:
+    """Every LoRA B leaves zero, and every applied step moves the adapters."""
+    if (na := _needs(trace, "adapters_learn", "lora_b_still_zero")) is not None:
+        return na
+    if trace.meta["lora_b_still_zero"]:
+        return _fail("adapters_learn", trace, None, f"LoRA B still all zero after training: {trace.meta['lora_b_still_zero']}")
+    for record in _applied(trace):
+        if record.update_norm is not None and record.update_norm == 0.0:
+            return _fail("adapters_learn", trace, record.step, "update norm is 0 at a step that was not skipped")
+    return _pass("adapters_learn")
+
+
+@invariant("merged_logits_match")
+def assert_merged_logits_match(trace: Trace, reference: Trace | None) -> Verdict:
+    """Merging the adapters into the base gives the unmerged logits within the dtype's tolerance."""
+    if (na := _needs(trace, "merged_logits_match", "merge_logits_rel_error")) is not None:
+        return na
+    error, rtol = trace.meta["merge_logits_rel_error"], _tolerance(trace).logits_rtol
+    if not error <= rtol:
+        return _fail("merged_logits_match", trace, None, f"merged vs unmerged logits differ by {error:.3g} (relative max) > {rtol:g}")
+    return _pass("merged_logits_match", f"{error:.2g}")
 
 
 def check(trace: Trace, reference: Trace | None, names: tuple[str, ...]) -> list[Verdict]:

@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from numerics.spec import RunSpec
+from numerics.spec import LORA_INVARIANTS, RunSpec
 
 STAGES = [0, 1, 2, 3]
 DTYPES = ["fp32", "bf16", "fp16"]
@@ -53,8 +53,21 @@ FAMILIES = [
     ),
 ]
 
+LORA_FAMILY = Family(
+    # LoRA through deepspeed.initialize; the base dtype matters where DeepSpeed precision is off.
+    "lora",
+    axes={"zero_stage": STAGES, "dtype": DTYPES, "base_dtype": DTYPES},
+    base={"world_size": 2, "lora": True, "invariants": LORA_INVARIANTS},
+)
+FAMILIES.append(LORA_FAMILY)
+
 # Cells no sane user runs, or that cannot run, with the reason. Matched on the rendered cell.
-EXCLUSIONS: list[tuple[dict[str, Any], str]] = []
+EXCLUSIONS: list[tuple[dict[str, Any], str]] = [
+    ({"lora": True, "dtype": "bf16", "base_dtype": "fp16"}, "DeepSpeed bf16 casts the whole model: the base dtype does not matter"),
+    ({"lora": True, "dtype": "bf16", "base_dtype": "bf16"}, "DeepSpeed bf16 casts the whole model: the base dtype does not matter"),
+    ({"lora": True, "dtype": "fp16", "base_dtype": "bf16"}, "DeepSpeed fp16 casts the whole model: the base dtype does not matter"),
+    ({"lora": True, "dtype": "fp16", "base_dtype": "fp16"}, "DeepSpeed fp16 casts the whole model: the base dtype does not matter"),
+]
 
 
 def _fix_batch(cell: dict[str, Any]) -> dict[str, Any]:
@@ -72,8 +85,10 @@ def _excluded(cell: dict[str, Any]) -> str | None:
 
 
 def full_product(family: Family) -> list[dict[str, Any]]:
+    """Every combination of the family's axes that no exclusion removes."""
     names = list(family.axes)
-    return [dict(zip(names, values)) for values in itertools.product(*family.axes.values())]
+    combos = [dict(zip(names, values)) for values in itertools.product(*family.axes.values())]
+    return [axes for axes in combos if not _excluded({**family.base, **axes})]
 
 
 def covering_subset(family: Family) -> list[dict[str, Any]]:
@@ -92,6 +107,8 @@ def covering_subset(family: Family) -> list[dict[str, Any]]:
     for kept in itertools.product(*(family.axes[k] for k in family.kept)):
         fixed = dict(zip(family.kept, kept))
         options = [c for c in candidates if all(c[k] == v for k, v in fixed.items())]
+        if not options:
+            continue
         best = max(options, key=lambda c: len(pairs(c) & needed))
         chosen.append(best)
         needed -= pairs(best)
@@ -108,10 +125,7 @@ def cells(full: bool = False, pattern: str | None = None) -> list[RunSpec]:
     seen: set[str] = set()
     for family in FAMILIES:
         for axes in full_product(family) if full else covering_subset(family):
-            cell = _fix_batch({**family.base, **axes})
-            if _excluded(cell):
-                continue
-            spec = RunSpec(**cell)
+            spec = RunSpec(**_fix_batch({**family.base, **axes}))
             if spec.cell_id in seen or (pattern and not fnmatch.fnmatch(spec.cell_id, pattern)):
                 continue
             seen.add(spec.cell_id)

@@ -46,7 +46,9 @@ class BigramMLP(nn.Module):
         self.up = nn.Linear(width, hidden)
         self.down = nn.Linear(hidden, vocab)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **_: object) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """No ``**kwargs``: the HF Trainer would take that as support for ``num_items_in_batch``."""
         logits = self.down(nn.functional.gelu(self.up(self.embed(input_ids))))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(loss=loss, logits=logits)

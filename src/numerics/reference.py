@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from numerics.lora import apply_lora
 from numerics.models import build_model, tensor_checksum
 from numerics.spec import RunSpec
 from numerics.trace import StepRecord, Trace
@@ -33,10 +34,11 @@ class ReferenceKey:
     seq_len: int
     global_batch: int
     workload: str
+    lora: bool
 
     @classmethod
     def of(cls, spec: RunSpec) -> ReferenceKey:
-        return cls(spec.model, spec.optimizer, spec.lr, spec.steps, spec.seed, spec.seq_len, spec.global_batch, spec.workload)
+        return cls(spec.model, spec.optimizer, spec.lr, spec.steps, spec.seed, spec.seq_len, spec.global_batch, spec.workload, spec.lora)
 
 
 @contextmanager
@@ -57,22 +59,25 @@ def reference_trace(spec: RunSpec) -> Trace:
 @cache
 def _reference(key: ReferenceKey) -> Trace:
     spec = RunSpec(model=key.model, optimizer=key.optimizer, lr=key.lr, steps=key.steps, seed=key.seed,
-                   seq_len=key.seq_len, world_size=1, micro_batch=key.global_batch, grad_accum=1, workload=key.workload)
+                   seq_len=key.seq_len, world_size=1, micro_batch=key.global_batch, grad_accum=1, workload=key.workload, lora=key.lora)
     workload = get_workload(spec.workload)
     started = time.perf_counter()
     with single_thread():
         model = build_model(spec.model, spec.seed)
-        trace = Trace(cell=f"reference-{spec.model}-{spec.optimizer}", spec=spec.to_dict(),
-                      init_checksum=tensor_checksum(list(model.parameters())),
+        init_checksum = tensor_checksum(list(model.parameters()))
+        if spec.lora:
+            model = apply_lora(model, spec, {})
+        trace = Trace(cell=f"reference-{spec.model}-{spec.optimizer}", spec=spec.to_dict(), init_checksum=init_checksum,
                       entropy_floor=workload.entropy_floor(spec), entropy_rate=workload.entropy_rate(),
                       meta={"driver": "plain torch, fp32, one process"})
-        optimizer = build_optimizer(spec, model.parameters())
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        optimizer = build_optimizer(spec, iter(trainable.values()))
         for step in range(spec.steps):
             batch = workload.step_batch(spec, step)
             optimizer.zero_grad(set_to_none=True)
             loss = workload.loss(model(**batch), batch, spec)
             loss.backward()
-            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            grads = {n: p.grad.detach().clone() for n, p in trainable.items()}
             before = [p.detach().clone() for p in model.parameters()]
             optimizer.step()
             after = [p.detach().clone() for p in model.parameters()]

@@ -41,12 +41,16 @@ OPTIMIZER_DEFAULTS = {
 
 # Learning rates per optimizer: AdamW normalises the gradient, SGD does not.
 DEFAULT_LR = {"adamw": 3e-3, "sgd": 0.1}
+LORA_LR = {"adamw": 1e-2, "sgd": 0.3}  # adapters start at zero (B = 0) and have few parameters
 
 # The invariants a cell is held to unless it says otherwise (see invariants.py).
 DEFAULT_INVARIANTS = (
     "finite", "no_collapse", "no_spike", "learns", "init_matches", "step0_grads",
     "parity_loss", "parity_grad_norm", "grad_norm_agrees", "replicas_agree",
 )
+
+# What a LoRA cell is held to: the core set plus the adapter invariants.
+LORA_INVARIANTS = DEFAULT_INVARIANTS + ("adapter_dtype_policy", "frozen_base_unchanged", "adapters_learn", "merged_logits_match")
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -100,7 +104,7 @@ class RunSpec:
     seq_len: int = 32
     driver: str = "engine"
     workload: str = "markov"
-    lora: bool = False  # wrap the model with PEFT LoRA adapters (attention and MLP projections)
+    lora: bool = False  # wrap the model with PEFT LoRA adapters (see lora.py)
     base_dtype: str = "fp32"  # dtype the base model is loaded in; matters where DeepSpeed precision is off
     fault: str | None = None
     timeout_s: float = 180.0
@@ -111,7 +115,7 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         if self.lr is None and self.optimizer in DEFAULT_LR:
-            object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
+            object.__setattr__(self, "lr", (LORA_LR if self.lora else DEFAULT_LR)[self.optimizer])
         self.validate()
 
     # -- identity -----------------------------------------------------------------
@@ -187,6 +191,8 @@ class RunSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise SpecError(f"{name}={value!r} must be a positive integer")
+        if self.lora and self.model != "llama":
+            raise SpecError("lora=True needs model='llama' (LoRA targets its attention and MLP projections)")
         if self.base_dtype != "fp32" and not self.lora:
             raise SpecError(f"base_dtype={self.base_dtype!r} needs lora=True: full fine-tuning loads fp32 and lets `dtype` cast")
         if self.seq_len < 2:

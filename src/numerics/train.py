@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from numerics import lora
 from numerics.data import micro_batch_indices
 from numerics.models import build_model, tensor_checksum
 from numerics.spec import OPTIMIZER_DEFAULTS, RunSpec
@@ -99,15 +100,23 @@ def train_step(engine: Any, spec: RunSpec, step: int, rank: int, fault: Any) -> 
         losses.append(loss.detach().float())
         if micro < spec.grad_accum - 1:
             engine.step()  # DeepSpeed counts micro-steps in step(); it only applies the update at the boundary
+    return measure_step(engine, spec, step, batch, losses, engine.step)
+
+
+def measure_step(engine: Any, spec: RunSpec, step: int, batch: dict[str, torch.Tensor], micro_losses: list[torch.Tensor],
+                 do_step: Callable[[], Any]) -> tuple[StepRecord, dict[str, torch.Tensor]]:
+    """Run ``do_step`` (the optimizer step at the accumulation boundary) with the measurements
+    around it. Shared by every driver; collective under ZeRO: all ranks call it at the same point."""
+    workload = get_workload(spec.workload)
     scale = loss_scale(engine)
     grads = {k: g / (scale or 1.0) for k, g in full_grads(engine).items()}
     before = full_params(engine)
     skipped_before = engine.skipped_steps
-    engine.step()
+    do_step()
     after = full_params(engine)
     record = StepRecord(
         step=step,
-        loss=global_mean(torch.stack(losses).mean(), engine.device),
+        loss=global_mean(torch.stack(micro_losses).mean(), engine.device),
         grad_norm=norm(list(grads.values())),
         grad_norm_reported=_to_float(engine.get_global_grad_norm()),
         loss_scale=scale,
@@ -133,23 +142,26 @@ def run_engine_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     model = build_model(spec.model, spec.seed)
     init_checksum = tensor_checksum(list(model.parameters()))
     model = fault.prepare_model(model, spec)
-    client = build_optimizer(spec, model.parameters()) if spec.optimizer_source == "client" else None
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=client,
-        model_parameters=None if client else [p for p in model.parameters() if p.requires_grad],
-        config=spec.ds_config(),
-    )
+    if spec.lora:
+        model = lora.apply_lora(model, spec, fault.adapter_options())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    client = build_optimizer(spec, iter(trainable)) if spec.optimizer_source == "client" else None
+    engine, *_ = deepspeed.initialize(model=model, optimizer=client, model_parameters=None if client else trainable,
+                                      config=spec.ds_config())
     workload = get_workload(spec.workload)
     trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), meta=dict(meta), init_checksum=init_checksum,
                   entropy_floor=workload.entropy_floor(spec), entropy_rate=workload.entropy_rate())
     try:
+        if spec.lora:
+            lora.record_start(engine, trace.meta)
         with fault.installed(engine, spec, rank):
             for step in range(spec.steps):
                 record, grads = train_step(engine, spec, step, rank, fault)
                 trace.steps.append(record)
                 if step == 0:
                     trace.step0_grads = {k: v.numpy() for k, v in grads.items()}
+        if spec.lora:
+            lora.record_end(engine, spec, trace.meta, workload.step_batch(spec, spec.steps)["input_ids"])
     finally:
         engine.destroy()
     trace.meta["wall_s"] = time.perf_counter() - started

@@ -24,11 +24,13 @@ import torch
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from numerics.data import global_batch, markov_chain, micro_batch_indices
+from numerics.data import micro_batch_indices
 from numerics.models import build_model, causal_lm_loss, tensor_checksum
 from numerics.spec import OPTIMIZER_DEFAULTS, RunSpec
 from numerics.trace import StepRecord, Trace
-from numerics.train import entropy_floor, full_grads, full_params, global_mean, loss_scale, norm, oracle_loss
+from numerics.cells import torch_linear
+from numerics.train import measure_step
+from numerics.workloads import Batch, get_workload, slice_batch
 
 
 def training_arguments(spec: RunSpec, output_dir: str) -> TrainingArguments:
@@ -51,42 +53,18 @@ def training_arguments(spec: RunSpec, output_dir: str) -> TrainingArguments:
     )
 
 
-def rank_micro_batches(spec: RunSpec, rank: int, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """This rank's micro-batches in training order (step-major), as the engine driver feeds them."""
-    return [batch[list(micro_batch_indices(spec.global_batch, spec.micro_batch, spec.grad_accum, spec.world_size, rank, micro))]
-            for batch in batches for micro in range(spec.grad_accum)]
-
-
-def measure_step(engine: Any, spec: RunSpec, step: int, batch: torch.Tensor, micro_losses: list[torch.Tensor],
-                 do_step: Callable[[], Any]) -> tuple[StepRecord, dict[str, torch.Tensor]]:
-    """Run ``do_step`` (the optimizer step) with the engine driver's measurements around it.
-
-    Collective under ZeRO: every rank must call it at the same point. Shaped so that
-    ``numerics.train.train_step`` could call it too, passing ``engine.step``.
-    """
-    scale = loss_scale(engine)
-    grads = {k: g / (scale or 1.0) for k, g in full_grads(engine).items()}
-    before = full_params(engine)
-    skipped_before = engine.skipped_steps
-    do_step()
-    after = full_params(engine)
-    record = StepRecord(
-        step=step, loss=global_mean(torch.stack(micro_losses).mean(), engine.device),
-        grad_norm=norm(list(grads.values())), loss_scale=scale,
-        skipped=(engine.skipped_steps > skipped_before) if scale is not None else None,
-        lr=float(engine.get_lr()[0]), update_norm=norm([a - b for a, b in zip(after, before)]),
-        param_norm=norm(after), param_checksums=[tensor_checksum(after)], oracle_loss=oracle_loss(batch),
-        supervised_tokens=spec.global_batch * (spec.seq_len - 1),
-    )
-    return record, grads
+def rank_samples(spec: RunSpec, rank: int, batches: list[Batch]) -> list[dict[str, torch.Tensor]]:
+    """This rank's samples in training order: its micro-batches, step-major, as the engine driver feeds them."""
+    micros = [slice_batch(batch, micro_batch_indices(spec.global_batch, spec.micro_batch, spec.grad_accum, spec.world_size, rank, micro))
+              for batch in batches for micro in range(spec.grad_accum)]
+    return [{key: value[row] for key, value in micro.items()} for micro in micros for row in range(spec.micro_batch)]
 
 
 class NumericsTrainer(Trainer):
     """A Trainer that feeds the cell's micro-batches in order and keeps each one's true mean loss."""
 
-    def __init__(self, micro_batches: list[torch.Tensor], **kwargs: Any) -> None:
-        rows = [{"input_ids": row, "labels": row} for micro in micro_batches for row in micro]
-        super().__init__(train_dataset=rows, **kwargs)
+    def __init__(self, samples: list[dict[str, torch.Tensor]], **kwargs: Any) -> None:
+        super().__init__(train_dataset=samples, **kwargs)
         self.micro_losses: list[torch.Tensor] = []
 
     def get_train_dataloader(self) -> DataLoader:
@@ -98,7 +76,8 @@ class NumericsTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """The Trainer's loss, plus the micro-batch mean recomputed from the logits: the Trainer's
-        own is rescaled by its token count across ranks and accumulation steps."""
+        own is rescaled by its token count across ranks and accumulation steps. (The recomputation
+        is the causal-LM mean the workload's loss is; a workload with another loss needs its own.)"""
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         self.micro_losses.append(causal_lm_loss(outputs.logits.detach(), inputs["labels"]))
         return (loss, outputs) if return_outputs else loss
@@ -107,7 +86,7 @@ class NumericsTrainer(Trainer):
 class StepProbe(TrainerCallback):
     """Measures each optimizer step around ``engine.step`` and collects what the Trainer logged."""
 
-    def __init__(self, trainer: NumericsTrainer, spec: RunSpec, batches: list[torch.Tensor], trace: Trace) -> None:
+    def __init__(self, trainer: NumericsTrainer, spec: RunSpec, batches: list[Batch], trace: Trace) -> None:
         self.trainer, self.spec, self.batches, self.trace = trainer, spec, batches, trace
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -135,22 +114,14 @@ def inherited_state() -> list[str]:
     from transformers.integrations.deepspeed import deepspeed_config
 
     found = ["transformers DeepSpeed config"] if deepspeed_config() is not None else []
-    found += ["ZeRO-3 torch.nn.functional.linear"] if torch.nn.functional.linear is not _torch_linear() else []
+    found += ["ZeRO-3 torch.nn.functional.linear"] if torch.nn.functional.linear is not torch_linear() else []
     found += [cls.__name__ for cls in (PartialState, AcceleratorState, GradientState) if cls._shared_state]
     return found + sorted(key for key in os.environ if key.startswith("ACCELERATE_"))
 
 
-def _torch_linear() -> Callable[..., torch.Tensor]:
-    """``torch.nn.functional.linear`` as torch defines it, wherever ZeRO-3 put it aside."""
-    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
-
-    return getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", torch.nn.functional.linear)
-
-
 def release(trainer: Trainer | None, environ: dict[str, str]) -> None:
-    """Undo what a Trainer leaves in a persistent rank: its engine; ZeRO-3's memory-efficient
-    ``torch.nn.functional.linear``, which DeepSpeed leaves installed and which changes the last
-    bits of every later cell; the global DeepSpeed config, which makes a later ``from_config``
+    """Undo what a Trainer leaves in a persistent rank (cells.py restores what every driver
+    leaves): its engine; the global DeepSpeed config, which makes a later ``from_config``
     build under ``zero.Init``; accelerate's singletons (resetting them keeps the process group,
     accelerate adopts it again); and the environment, where accelerate leaves
     ``ACCELERATE_USE_DEEPSPEED=true`` for every later TrainingArguments."""
@@ -159,7 +130,6 @@ def release(trainer: Trainer | None, environ: dict[str, str]) -> None:
 
     if trainer is not None and trainer.deepspeed is not None:
         trainer.deepspeed.destroy()
-    torch.nn.functional.linear = _torch_linear()
     unset_hf_deepspeed_config()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -173,15 +143,15 @@ def run_trainer_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     if spec.fault is not None:
         raise ValueError(f"{spec.cell_id}: faults act on the engine driver's loop; the trainer driver has no seam for them")
     started = time.perf_counter()
-    model = build_model(spec.model, spec.seed)
+    model, workload = build_model(spec.model, spec.seed), get_workload(spec.workload)
     trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), meta={**meta, "driver": "trainer", "inherited_state": inherited_state()},
                   init_checksum=tensor_checksum(list(model.parameters())),
-                  entropy_floor=entropy_floor(spec), entropy_rate=markov_chain().entropy_rate)
-    batches = [global_batch(markov_chain(), spec.seq_len, spec.seed, step, spec.global_batch) for step in range(spec.steps)]
+                  entropy_floor=workload.entropy_floor(spec), entropy_rate=workload.entropy_rate())
+    batches = [workload.step_batch(spec, step) for step in range(spec.steps)]
     trainer, environ = None, dict(os.environ)
     try:
         with tempfile.TemporaryDirectory(prefix="numerics-trainer-") as output_dir:
-            trainer = NumericsTrainer(rank_micro_batches(spec, rank, batches), model=model,
+            trainer = NumericsTrainer(rank_samples(spec, rank, batches), model=model,
                                       args=training_arguments(spec, output_dir))
             trainer.remove_callback(PrinterCallback)
             trainer.add_callback(StepProbe(trainer, spec, batches, trace))
