@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from numerics.spec import LORA_INVARIANTS
+
 REDUCTIONS = ("all_reduce", "reduce_scatter_tensor")
 
 
@@ -171,6 +173,52 @@ class RankRaises(Fault):
             raise RuntimeError("injected failure on the last rank")
 
 
+class ResumeWithoutOptimizerState(Fault):
+    """The resumed engine loads weights only: Adam moments and step, and the lr schedule, start over."""
+
+    CELL = dict(driver="resume", steps=8, invariants=("finite", "replicas_agree", "resume_matches"))
+
+    def checkpoint_load_options(self) -> dict[str, Any]:
+        return {"load_optimizer_states": False, "load_lr_scheduler_states": False}
+
+
+class EpochFault(Fault):
+    """An epoch-boundary fault; ``CELL`` is the multi-epoch cell they run in (driver "epochs")."""
+
+    CELL = dict(driver="epochs", steps=12, invariants=(
+        "finite", "learns", "init_matches", "step0_grads", "grad_norm_agrees", "replicas_agree",
+        "epoch_continuity", "eval_present"))
+
+
+class OptimizerResetAtEpoch(EpochFault):
+    """Adam's moments and step zeroed at every epoch start, as a loop that rebuilds its optimizer does."""
+
+    def at_epoch_start(self, engine: Any, epoch: int) -> None:
+        optimizer = engine.basic_optimizer or engine.optimizer
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                state[key] = value.zero_() if torch.is_tensor(value) else 0
+
+
+class LrRestartAtPeak(EpochFault):
+    """The lr schedule restarts at its peak every epoch, skipping warm-up: the lr jumps up."""
+
+    def at_epoch_start(self, engine: Any, epoch: int) -> None:
+        engine.lr_scheduler.step(engine.lr_scheduler.warmup_num_steps)
+
+
+class EvalSkipped(EpochFault):
+    """Eval runs in the first epoch only (an eval loader exhausted, a step counter reset), silently."""
+
+    def runs_eval(self, epoch: int) -> bool:
+        return epoch == 0
+
+
+class WorkloadFault(Fault):
+    """A fault in the user's data or loss code, not at a loop seam: the workload reads
+    ``spec.fault`` (workloads.py), as a user's collator or loss function would carry the bug."""
+
+
 FAULTS: dict[str, Fault] = {
     fault.name: fault
     for fault in [
@@ -201,7 +249,7 @@ FAULTS: dict[str, Fault] = {
         AdaptersInBaseDtype(
             "adapters_in_base_dtype", "LoRA adapters in the fp16 base dtype, stepped by a client Adam at ZeRO-0",
             ("adapter_dtype_policy", "finite"),
-            dict(zero_stage=0, lora=True, base_dtype="fp16", optimizer_source="client", lr=1e-2),
+            dict(zero_stage=0, lora=True, base_dtype="fp16", optimizer_source="client", invariants=LORA_INVARIANTS),
         ),
         RankHangsInReduction(
             "rank_hangs", "rank 0 sleeps inside a gradient reduction",
@@ -210,6 +258,34 @@ FAULTS: dict[str, Fault] = {
         RankRaises(
             "rank_raises", "the last rank raises inside a gradient reduction",
             ("completes",), dict(zero_stage=1),
+        ),
+        ResumeWithoutOptimizerState(
+            "resume_without_optimizer_state", "a checkpoint resumed without its optimizer and lr-scheduler states",
+            ("resume_matches",), dict(ResumeWithoutOptimizerState.CELL, zero_stage=1),
+        ),
+        OptimizerResetAtEpoch(
+            "optimizer_reset_at_epoch", "Adam's moments and step reset to zero at every epoch boundary",
+            ("epoch_continuity",), dict(EpochFault.CELL),
+        ),
+        LrRestartAtPeak(
+            "lr_restart_at_peak", "the warm-up + decay lr schedule restarts at its peak at every epoch boundary",
+            ("epoch_continuity",), dict(EpochFault.CELL),
+        ),
+        EvalSkipped(
+            "eval_skipped", "eval silently not run after the first epoch",
+            ("eval_present",), dict(EpochFault.CELL),
+        ),
+        WorkloadFault(
+            "label_mask_leak", "a per-sample special token after BOS stays in the labels: ln 2 per sample it cannot predict",
+            ("overfits", "supervised_tokens"),
+            # ws 2 x 1 sample: the two samples; no_collapse/no_spike/learns left out (see invariants.OVERFIT_LOSS)
+            dict(workload="overfit", world_size=2, micro_batch=1, steps=40, lr=1e-2,
+                 invariants=("finite", "overfits", "supervised_tokens", "init_matches", "step0_grads",
+                             "parity_loss", "parity_grad_norm", "grad_norm_agrees", "replicas_agree")),
+        ),
+        WorkloadFault(
+            "naive_token_mean", "each micro-batch's loss is its own token mean (outputs.loss), not the global one",
+            ("parity_loss", "parity_grad_norm", "step0_grads"), dict(workload="padded", world_size=1, micro_batch=2, grad_accum=4),
         ),
     ]
 }

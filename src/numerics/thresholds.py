@@ -41,6 +41,24 @@ TOLERANCES: dict[str, Tolerance] = {
 }
 
 
+# LoRA cells, measured the same way over the 18 default LoRA cells (adapters on a random base
+# with lr 1e-2): the adapters are a small perturbation of the base, so rounding in the base
+# dtype weighs ~40x more than in full fine-tuning. ZeRO-0 bf16/fp16 left out (deviations.py).
+LORA_TOLERANCES: dict[str, Tolerance] = {
+    "fp32": TOLERANCES["fp32"],
+    "fp16": Tolerance(
+        loss_rtol=6e-3, grad_rtol=9e-2, step0_grad_rtol=2.5e-2, grad_norm_agree_rtol=1e-4, logits_rtol=1.5e-2,
+        reason="fp16 compute or fp16 base: measured loss <= 2.1e-3, grad norm <= 3.1e-2, step-0 adapter "
+        "gradient <= 7.7e-3, merged logits <= 4.9e-3; ~3x",
+    ),
+    "bf16": Tolerance(
+        loss_rtol=6e-3, grad_rtol=0.15, step0_grad_rtol=6e-2, grad_norm_agree_rtol=1e-4, logits_rtol=5e-2,
+        reason="bf16 compute or bf16 base: measured loss <= 3.0e-3, grad norm <= 6e-2, merged logits "
+        "<= 1.5e-2; 2-3x (ZeRO-0 bf16 at 9.8e-3 stays a known deviation)",
+    ),
+}
+
+
 @dataclass(frozen=True)
 class TrainingThresholds:
     entropy_floor_sigmas: float = 5.0  # loss below H - 5 standard errors of the batch's mean surprisal is a collapse
@@ -59,7 +77,7 @@ THRESHOLDS = TrainingThresholds()
 PRECISION_ORDER = ("fp32", "fp16", "bf16")
 
 
-def tolerance(dtype: str, comm_dtype: str | None = None, base_dtype: str | None = None) -> Tolerance:
+def tolerance(dtype: str, comm_dtype: str | None = None, base_dtype: str | None = None, lora: bool = False) -> Tolerance:
     """The tolerance of the coarsest of the compute, communication and (LoRA) base-model dtype."""
     effective = max(dtype, comm_dtype or dtype, base_dtype or dtype, key=PRECISION_ORDER.index)
-    return TOLERANCES[effective]
+    return (LORA_TOLERANCES if lora else TOLERANCES)[effective]

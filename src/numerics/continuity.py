@@ -1,0 +1,188 @@
+"""Drivers "resume" and "epochs": training that must not notice its own seams.
+
+Two incidents hid at seams of a run rather than in a step. A run resumed from a
+checkpoint trained differently from the same run uninterrupted (incident 5),
+and a multi-epoch run jumped in loss at an epoch boundary while its eval
+quietly stopped (incident 4). Both drivers reuse the engine driver's
+`train_step`, so every step is measured exactly as in an engine cell.
+
+``resume``: one engine trains all ``spec.steps`` and saves a checkpoint after
+``steps // 2``; that engine *is* the uninterrupted run, and its per-step values
+go to ``meta["uninterrupted"]``. A fresh engine then loads the checkpoint and
+trains the second half; the trace holds the first half of the first engine and
+the resumed second half. Comparing against the engine's own uninterrupted run,
+not the plain-torch reference, is what lets ``resume_matches`` demand bit
+equality in fp32: same engine, same reduction order, same ranks.
+
+``epochs``: a finite dataset of `BATCHES_PER_EPOCH` global batches, seen in the
+same order every epoch (``spec.steps`` must be a whole number of epochs), a
+warm-up + linear-decay schedule (DeepSpeed ``WarmupDecayLR``) unless the spec's
+``ds_extra`` sets its own, and an eval on a held-out batch every `EVAL_EVERY`
+steps (``meta["eval_steps"]``).
+
+Faults act here through optional hooks the `Fault` base does not declare yet
+(``checkpoint_load_options``, ``at_epoch_start``, ``runs_eval``); see `_hook`.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from numerics import lora
+from numerics.models import build_model, tensor_checksum
+from numerics.spec import RunSpec, SpecError
+from numerics.trace import StepRecord, Trace
+from numerics.train import build_optimizer, train_step
+from numerics.workloads import Batch, get_workload
+
+BATCHES_PER_EPOCH = 4  # global batches in the finite dataset: steps 0-3 of the workload's stream
+EVAL_EVERY = 2  # steps between evals: twice an epoch, so the first eval of each epoch is mid-epoch
+HELD_OUT_STEP = 10**6  # the workload step whose batch is the held-out eval set: never trained on
+
+
+def _hook(fault: Any, name: str, default: Callable[..., Any]) -> Callable[..., Any]:
+    """A fault's hook for a seam of these drivers, or the no-fault behaviour. Stand-in until the
+    `Fault` base declares these hooks as no-ops."""
+    return getattr(fault, name, default)
+
+
+def build_engine(spec: RunSpec, fault: Any, config: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """A fresh model and engine for ``spec``, and the checksum of the initial weights.
+
+    Stand-in for the engine construction inside `train.run_engine_cell`, to be moved there as
+    ``train.build_engine``. LoRA cells build, but resuming them is not tested yet."""
+    import deepspeed
+
+    model = build_model(spec.model, spec.seed)
+    init_checksum = tensor_checksum(list(model.parameters()))
+    model = fault.prepare_model(model, spec)
+    if spec.lora:
+        model = lora.apply_lora(model, spec, fault.adapter_options())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    client = build_optimizer(spec, iter(trainable)) if spec.optimizer_source == "client" else None
+    engine, *_ = deepspeed.initialize(model=model, optimizer=client, model_parameters=None if client else trainable,
+                                      config=config or spec.ds_config())
+    return engine, init_checksum
+
+
+def _new_trace(spec: RunSpec, meta: dict[str, Any], init_checksum: str) -> Trace:
+    workload = get_workload(spec.workload)
+    return Trace(cell=spec.cell_id, spec=spec.to_dict(), meta=dict(meta), init_checksum=init_checksum,
+                 entropy_floor=workload.entropy_floor(spec), entropy_rate=workload.entropy_rate())
+
+
+def _train(engine: Any, spec: RunSpec, steps: range, rank: int, fault: Any, trace: Trace) -> list[StepRecord]:
+    """Train ``steps`` on ``engine``; step 0's gradients go to the trace."""
+    records = []
+    with fault.installed(engine, spec, rank):
+        for step in steps:
+            record, grads = train_step(engine, spec, step, rank, fault)
+            records.append(record)
+            if step == 0:
+                trace.step0_grads = {k: v.numpy() for k, v in grads.items()}
+    return records
+
+
+@contextmanager
+def _engine(spec: RunSpec, fault: Any, config: dict[str, Any] | None = None) -> Iterator[tuple[Any, str]]:
+    """`build_engine`, destroyed on the way out: the ranks are persistent, the engine is not."""
+    engine, init_checksum = build_engine(spec, fault, config)
+    try:
+        yield engine, init_checksum
+    finally:
+        engine.destroy()
+
+
+@contextmanager
+def _shared_tempdir(spec: RunSpec) -> Iterator[str]:
+    """A directory every rank of the cell sees: rank 0 creates it and broadcasts its path, so no
+    naming scheme can meet a crashed cell's leftovers. Removed once every rank is done with it;
+    after an error, without waiting, so the failing rank still reports instead of hanging."""
+    path = [tempfile.mkdtemp(prefix=f"numerics-{spec.cell_id}-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    try:
+        yield path[0]
+        dist.barrier()
+    finally:
+        if dist.get_rank() == 0:
+            shutil.rmtree(path[0], ignore_errors=True)
+
+
+def _summary(record: StepRecord) -> dict[str, Any]:
+    """What `resume_matches` compares; a JSON-friendly subset of the record."""
+    return {"loss": record.loss, "grad_norm": record.grad_norm, "param_checksum": record.param_checksums[0]}
+
+
+def run_resume_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
+    """Train through a save at ``steps // 2``, then resume that checkpoint in a fresh engine."""
+    from numerics.faults import get_fault
+
+    fault, resume_step, started = get_fault(spec.fault), spec.steps // 2, time.perf_counter()
+    with _shared_tempdir(spec) as directory:
+        with _engine(spec, fault) as (engine, init_checksum):
+            trace = _new_trace(spec, meta, init_checksum)
+            first = _train(engine, spec, range(resume_step), rank, fault, trace)
+            engine.save_checkpoint(directory, tag="resume")
+            uninterrupted = first + _train(engine, spec, range(resume_step, spec.steps), rank, fault, trace)
+        with _engine(spec, fault) as (engine, _):
+            engine.load_checkpoint(directory, tag="resume", **_hook(fault, "checkpoint_load_options", dict)())
+            resumed = _train(engine, spec, range(resume_step, spec.steps), rank, fault, trace)
+    trace.steps = first + resumed
+    trace.meta.update(resume_step=resume_step, uninterrupted=[_summary(r) for r in uninterrupted],
+                      wall_s=time.perf_counter() - started)
+    return trace
+
+
+def epochs_config(spec: RunSpec) -> dict[str, Any]:
+    """The cell's DeepSpeed config, with a warm-up (half an epoch) + linear-decay schedule unless it has one."""
+    config = spec.ds_config()
+    config.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": spec.lr, "warmup_num_steps": BATCHES_PER_EPOCH // 2,
+        "total_num_steps": spec.steps, "warmup_type": "linear"}})
+    return config
+
+
+def evaluate(engine: Any, spec: RunSpec, batch: Batch) -> float:
+    """Mean loss of the held-out batch; every rank evaluates all of it (ZeRO-3 forwards are collective)."""
+    inputs = {k: v.to(engine.device) for k, v in batch.items()}
+    engine.eval()
+    try:
+        with torch.no_grad():
+            return float(get_workload(spec.workload).loss(engine(**inputs), inputs, spec))
+    finally:
+        engine.train()
+
+
+def run_epochs_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
+    """Several epochs over a finite dataset, with a schedule and periodic eval."""
+    from numerics.faults import get_fault
+
+    if spec.steps % BATCHES_PER_EPOCH or spec.steps < 2 * BATCHES_PER_EPOCH:
+        raise SpecError(f"{spec.cell_id}: steps={spec.steps} must be two or more epochs of {BATCHES_PER_EPOCH} batches")
+    fault, started = get_fault(spec.fault), time.perf_counter()
+    with _engine(spec, fault, epochs_config(spec)) as (engine, init_checksum), fault.installed(engine, spec, rank):
+        trace = _new_trace(spec, meta, init_checksum)
+        eval_steps = list(range(EVAL_EVERY - 1, spec.steps, EVAL_EVERY))
+        trace.meta.update(batches_per_epoch=BATCHES_PER_EPOCH, eval_steps=eval_steps)
+        held_out = get_workload(spec.workload).step_batch(spec, HELD_OUT_STEP)
+        for step in range(spec.steps):
+            epoch, position = divmod(step, BATCHES_PER_EPOCH)
+            if position == 0 and epoch:
+                _hook(fault, "at_epoch_start", lambda engine, epoch: None)(engine, epoch)
+            # train_step trains on the workload's batch of the step it is given: the position in the epoch
+            record, grads = train_step(engine, spec, position, rank, fault)
+            record = replace(record, step=step)
+            if step in eval_steps and _hook(fault, "runs_eval", lambda epoch: True)(epoch):
+                record.eval_loss = evaluate(engine, spec, held_out)
+            trace.steps.append(record)
+            if step == 0:
+                trace.step0_grads = {k: v.numpy() for k, v in grads.items()}
+    trace.meta["wall_s"] = time.perf_counter() - started
+    return trace
