@@ -279,7 +279,7 @@ FAULTS: dict[str, Fault] = {
             "label_mask_leak", "a per-sample special token after BOS stays in the labels: ln 2 per sample it cannot predict",
             ("overfits", "supervised_tokens"),
             # ws 2 x 1 sample: the two samples; no_collapse/no_spike/learns left out (see invariants.OVERFIT_LOSS)
-            dict(workload="overfit", world_size=2, micro_batch=1, steps=40, lr=1e-2,
+            dict(workload="overfit", world_size=2, micro_batch=1, steps=60, lr=5e-3,
                  invariants=("finite", "overfits", "supervised_tokens", "init_matches", "step0_grads",
                              "parity_loss", "parity_grad_norm", "grad_norm_agrees", "replicas_agree")),
         ),

@@ -60,6 +60,14 @@ LORA_FAMILY = Family(
     base={"world_size": 2, "lora": True, "invariants": LORA_INVARIANTS},
 )
 FAMILIES.append(LORA_FAMILY)
+FAMILIES.append(Family(
+    # The transformers Trainer path with its DeepSpeed integration, as most fine-tuning runs.
+    # Config optimizer only: the Trainer's own AdamW exempts biases and norms from weight decay,
+    # which the plain-torch reference does not.
+    "trainer",
+    axes={"zero_stage": STAGES, "dtype": DTYPES, "grad_accum": [1, 2]},
+    base={"world_size": 2, "driver": "trainer"},
+))
 
 # Cells no sane user runs, or that cannot run, with the reason. Matched on the rendered cell.
 EXCLUSIONS: list[tuple[dict[str, Any], str]] = [
