@@ -22,8 +22,9 @@ from numerics import lora
 from numerics.data import micro_batch_indices
 from numerics.models import build_model, tensor_checksum
 from numerics.spec import OPTIMIZER_DEFAULTS, RunSpec
-from numerics.workloads import get_workload, slice_batch
 from numerics.trace import StepRecord, Trace
+from numerics.workloads import get_workload, slice_batch
+
 
 def build_optimizer(spec: RunSpec, params: Iterator[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """The client optimizer, with the same hyper-parameters the DeepSpeed config would get."""
@@ -131,14 +132,11 @@ def measure_step(engine: Any, spec: RunSpec, step: int, batch: dict[str, torch.T
     return record, grads
 
 
-def run_engine_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
-    """Train one cell on this rank and return its trace (this rank's checksums only)."""
+def build_engine(spec: RunSpec, fault: Any) -> tuple[Any, str]:
+    """A fresh model (LoRA-wrapped if asked), its optimizer and ``deepspeed.initialize``;
+    returns the engine and the checksum of the initial weights, taken before any cast."""
     import deepspeed
 
-    from numerics.faults import get_fault
-
-    fault = get_fault(spec.fault)
-    started = time.perf_counter()
     model = build_model(spec.model, spec.seed)
     init_checksum = tensor_checksum(list(model.parameters()))
     model = fault.prepare_model(model, spec)
@@ -148,6 +146,16 @@ def run_engine_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     client = build_optimizer(spec, iter(trainable)) if spec.optimizer_source == "client" else None
     engine, *_ = deepspeed.initialize(model=model, optimizer=client, model_parameters=None if client else trainable,
                                       config=spec.ds_config())
+    return engine, init_checksum
+
+
+def run_engine_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
+    """Train one cell on this rank and return its trace (this rank's checksums only)."""
+    from numerics.faults import get_fault
+
+    fault = get_fault(spec.fault)
+    started = time.perf_counter()
+    engine, init_checksum = build_engine(spec, fault)
     workload = get_workload(spec.workload)
     trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), meta=dict(meta), init_checksum=init_checksum,
                   entropy_floor=workload.entropy_floor(spec), entropy_rate=workload.entropy_rate())
