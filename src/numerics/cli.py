@@ -16,7 +16,7 @@ from numerics.spec import RunSpec
 
 def make_console() -> Console:
     """Wide enough for the tables in CI logs, where there is no terminal to size them."""
-    console = make_console()
+    console = Console()
     return console if console.is_terminal else Console(width=180)
 
 

@@ -42,8 +42,8 @@ from numerics.trace import StepRecord, Trace
 from numerics.train import build_optimizer, train_step
 from numerics.workloads import Batch, get_workload
 
-BATCHES_PER_EPOCH = 4  # global batches in the finite dataset: steps 0-3 of the workload's stream
-EVAL_EVERY = 2  # steps between evals: twice an epoch, so the first eval of each epoch is mid-epoch
+BATCHES_PER_EPOCH = 8  # global batches in the finite dataset: steps 0-7 of the workload's stream
+EVAL_EVERY = 4  # steps between evals: twice an epoch
 HELD_OUT_STEP = 10**6  # the workload step whose batch is the held-out eval set: never trained on
 
 

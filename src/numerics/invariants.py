@@ -317,7 +317,7 @@ def assert_resume_matches(trace: Trace, reference: Trace | None) -> Verdict:
 
 EPOCH_WINDOW = 2  # steps averaged on each side of an epoch boundary: half an epoch of the "epochs" driver
 # Largest rise of the mean loss from the last window of an epoch to the first of the next, in nats.
-EPOCH_JUMP_TOLERANCE = 0.05
+EPOCH_JUMP_TOLERANCE = 0.04
 
 
 @invariant("epoch_continuity")
@@ -328,7 +328,9 @@ def assert_epoch_continuity(trace: Trace, reference: Trace | None) -> Verdict:
     if per_epoch is None:
         return _na("epoch_continuity", "not a multi-epoch cell (no batches_per_epoch)")
     losses, jumps = trace.values("loss"), []
-    for start in range(per_epoch, len(losses) - EPOCH_WINDOW + 1, per_epoch):
+    # A step's loss is measured before its update: the model that finished epoch k is measured at
+    # the first step of epoch k+1, and the first model that saw epoch k+1 at the step after.
+    for start in range(per_epoch + 1, len(losses) - EPOCH_WINDOW + 1, per_epoch):
         before, after = statistics.fmean(losses[start - EPOCH_WINDOW:start]), statistics.fmean(losses[start:start + EPOCH_WINDOW])
         jumps.append(after - before)
         if after - before > EPOCH_JUMP_TOLERANCE:
@@ -352,24 +354,17 @@ def assert_eval_present(trace: Trace, reference: Trace | None) -> Verdict:
     return _pass("eval_present", f"{len(scheduled)} evals")
 
 
-# Incident 3: a correct loop memorises the two ``overfit`` samples. Measured (tiny llama,
-# ws 2, 40 steps, AdamW lr 1e-2): clean final loss MEASURED_CLEAN; with one unpredictable token
-# supervised per sample the loss floors at ln 2 / 6 = 0.116. Move to thresholds.py.
-OVERFIT_LOSS = 0.05
-OVERFIT_WINDOW = 2  # steps averaged at the end: one step can land low by luck
-
-
 @invariant("overfits")
 def assert_overfits(trace: Trace, reference: Trace | None) -> Verdict:
-    """The final loss on a fixed batch falls below OVERFIT_LOSS: a loop that cannot memorise two
+    """The final loss on a fixed batch falls below THRESHOLDS.overfit_loss: a loop that cannot memorise two
     samples supervises something unpredictable, or does not train what it computes."""
-    if len(trace.steps) < OVERFIT_WINDOW:
-        return _na("overfits", f"{len(trace.steps)} steps, need {OVERFIT_WINDOW}")
-    final = statistics.fmean(trace.values("loss")[-OVERFIT_WINDOW:])
-    if not final < OVERFIT_LOSS:
+    if len(trace.steps) < THRESHOLDS.overfit_window:
+        return _na("overfits", f"{len(trace.steps)} steps, need {THRESHOLDS.overfit_window}")
+    final = statistics.fmean(trace.values("loss")[-THRESHOLDS.overfit_window:])
+    if not final < THRESHOLDS.overfit_loss:
         return _fail("overfits", trace, None,
-                     f"mean loss over the last {OVERFIT_WINDOW} of {len(trace.steps)} steps is {final:.4f}, not below "
-                     f"{OVERFIT_LOSS:g}: a floor near ln 2 x k / (supervised tokens) means k supervised tokens "
+                     f"mean loss over the last {THRESHOLDS.overfit_window} of {len(trace.steps)} steps is {final:.4f}, not below "
+                     f"{THRESHOLDS.overfit_loss:g}: a floor near ln 2 x k / (supervised tokens) means k supervised tokens "
                      "follow identical prefixes (check the label mask)")
     return _pass("overfits", f"final loss {final:.4f}")
 

@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from numerics.spec import LORA_INVARIANTS, RunSpec
+from numerics.spec import LORA_INVARIANTS, OVERFIT_INVARIANTS, RunSpec
 
 STAGES = [0, 1, 2, 3]
 DTYPES = ["fp32", "bf16", "fp16"]
@@ -60,6 +60,21 @@ LORA_FAMILY = Family(
     base={"world_size": 2, "lora": True, "invariants": LORA_INVARIANTS},
 )
 FAMILIES.append(LORA_FAMILY)
+FAMILIES += [
+    Family(
+        # Incident 3: a correct loop memorises two prompt/response samples (prompt and specials masked).
+        "overfit",
+        axes={"zero_stage": STAGES, "dtype": ["fp32"]},
+        base={"workload": "overfit", "world_size": 2, "micro_batch": 1, "steps": 60, "lr": 5e-3,
+              "invariants": OVERFIT_INVARIANTS},
+    ),
+    Family(
+        # Incident 6: variable-length padded sequences, loss normalised over the global batch's tokens.
+        "padded",
+        axes={"zero_stage": STAGES, "dtype": ["fp32", "bf16"], "grad_accum": [1, 4]},
+        base={"workload": "padded", "world_size": 2, "micro_batch": 4},
+    ),
+]
 FAMILIES.append(Family(
     # The transformers Trainer path with its DeepSpeed integration, as most fine-tuning runs.
     # Config optimizer only: the Trainer's own AdamW exempts biases and norms from weight decay,

@@ -52,6 +52,10 @@ DEFAULT_INVARIANTS = (
 # What a LoRA cell is held to: the core set plus the adapter invariants.
 LORA_INVARIANTS = DEFAULT_INVARIANTS + ("adapter_dtype_policy", "frozen_base_unchanged", "adapters_learn", "merged_logits_match")
 
+# An overfitting cell is not held to the entropy floor, spikes or the learning pace of a stream.
+OVERFIT_INVARIANTS = ("finite", "overfits", "supervised_tokens", "init_matches", "step0_grads",
+                      "parity_loss", "parity_grad_norm", "grad_norm_agrees", "replicas_agree")
+
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 

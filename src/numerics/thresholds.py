@@ -69,6 +69,12 @@ class TrainingThresholds:
     grad_spike_ratio: float = 10.0  # grad norm 10x its running median: healthy runs stay within 3x
     learn_window: int = 4  # steps averaged at the start and the end of a run
     learn_fraction: float = 0.1  # the end must close >= 10% of the gap between the start and H
+    # Incident 3: a correct loop memorises the two ``overfit`` samples. Measured 2026-11-23 (tiny
+    # llama, ws 2 x 1 sample, AdamW lr 5e-3, 60 steps): clean final loss 0.025 (below 0.05 from
+    # step 48; 0.004 after 200 steps); with the tag supervised (label_mask_leak) 0.142 after 60
+    # and 0.120 after 200 steps, above its exact floor ln 2 / 6 = 0.116.
+    overfit_loss: float = 0.05
+    overfit_window: int = 2  # steps averaged at the end: one step can land low by luck
 
 
 THRESHOLDS = TrainingThresholds()

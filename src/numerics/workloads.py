@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from numerics.data import VOCAB, global_batch, markov_chain
-from numerics.label_mask import mask_labels, supervised_count
+from numerics.label_mask import IGNORE, mask_labels, supervised_count
 from numerics.models import causal_lm_loss
 from numerics.thresholds import THRESHOLDS
 
@@ -158,7 +158,7 @@ class PaddedStream(MarkovStream):
 
     def lengths(self, spec: Any, step: int) -> torch.Tensor:
         """Per-sample lengths, each a pure function of (seed, step, index) like the samples."""
-        return torch.tensor([int(np.random.default_rng([spec.seed, step, i, 1]).integers(MIN_LEN, spec.seq_len + 1))
+        return torch.tensor([int(np.random.default_rng([spec.seed, step, i, 1]).integers(min(MIN_LEN, spec.seq_len), spec.seq_len + 1))
                              for i in range(spec.global_batch)])
 
     def response_mask(self, spec: Any, step: int) -> torch.Tensor:
@@ -177,12 +177,11 @@ class PaddedStream(MarkovStream):
             return output.loss
         if not all(row.cpu().numpy().tobytes() in self._step_rows for row in micro["input_ids"]):
             raise RuntimeError("padded: loss() of a micro-batch that is not from the step step_batch() built last")
-        local = supervised_count(micro["labels"])
-        mean = causal_lm_loss(output.logits, micro["labels"])
-        return mean * (local * spec.grad_accum * spec.world_size / self._step_targets)
+        token_sum = causal_lm_loss(output.logits, micro["labels"]) * supervised_count(micro["labels"])
+        return token_sum * (spec.grad_accum * spec.world_size / self._step_targets)
 
     def oracle_loss(self, batch: Batch) -> float | None:
-        return float(surprisal(batch["input_ids"])[batch["labels"][:, 1:].numpy() != -100].mean())
+        return float(surprisal(batch["input_ids"])[batch["labels"][:, 1:].numpy() != IGNORE].mean())
 
     def entropy_floor(self, spec: Any) -> float | None:
         """The floor for the fewest targets a step can hold: fewer tokens, wider noise."""
