@@ -20,56 +20,30 @@ warm-up + linear-decay schedule (DeepSpeed ``WarmupDecayLR``) unless the spec's
 ``ds_extra`` sets its own, and an eval on a held-out batch every `EVAL_EVERY`
 steps (``meta["eval_steps"]``).
 
-Faults act here through optional hooks the `Fault` base does not declare yet
-(``checkpoint_load_options``, ``at_epoch_start``, ``runs_eval``); see `_hook`.
+Faults act here through the `Fault` hooks ``checkpoint_load_options``,
+``at_epoch_start`` and ``runs_eval``.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from numerics import lora
-from numerics.models import build_model, tensor_checksum
 from numerics.spec import RunSpec, SpecError
 from numerics.trace import StepRecord, Trace
-from numerics.train import build_optimizer, train_step
+from numerics.train import build_engine, train_step
 from numerics.workloads import Batch, get_workload
 
 BATCHES_PER_EPOCH = 8  # global batches in the finite dataset: steps 0-7 of the workload's stream
 EVAL_EVERY = 4  # steps between evals: twice an epoch
 HELD_OUT_STEP = 10**6  # the workload step whose batch is the held-out eval set: never trained on
-
-
-def _hook(fault: Any, name: str, default: Callable[..., Any]) -> Callable[..., Any]:
-    """A fault's hook for a seam of these drivers, or the no-fault behaviour. Stand-in until the
-    `Fault` base declares these hooks as no-ops."""
-    return getattr(fault, name, default)
-
-
-def build_engine(spec: RunSpec, fault: Any, config: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """A fresh model and engine for ``spec``, and the checksum of the initial weights.
-
-    Stand-in for the engine construction inside `train.run_engine_cell`, to be moved there as
-    ``train.build_engine``. LoRA cells build, but resuming them is not tested yet."""
-    import deepspeed
-
-    model = build_model(spec.model, spec.seed)
-    init_checksum = tensor_checksum(list(model.parameters()))
-    model = fault.prepare_model(model, spec)
-    if spec.lora:
-        model = lora.apply_lora(model, spec, fault.adapter_options())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    client = build_optimizer(spec, iter(trainable)) if spec.optimizer_source == "client" else None
-    engine, *_ = deepspeed.initialize(model=model, optimizer=client, model_parameters=None if client else trainable,
-                                      config=config or spec.ds_config())
-    return engine, init_checksum
 
 
 def _new_trace(spec: RunSpec, meta: dict[str, Any], init_checksum: str) -> Trace:
@@ -91,9 +65,9 @@ def _train(engine: Any, spec: RunSpec, steps: range, rank: int, fault: Any, trac
 
 
 @contextmanager
-def _engine(spec: RunSpec, fault: Any, config: dict[str, Any] | None = None) -> Iterator[tuple[Any, str]]:
-    """`build_engine`, destroyed on the way out: the ranks are persistent, the engine is not."""
-    engine, init_checksum = build_engine(spec, fault, config)
+def _engine(spec: RunSpec, fault: Any) -> Iterator[tuple[Any, str]]:
+    """`train.build_engine`, destroyed on the way out: the ranks are persistent, the engine is not."""
+    engine, init_checksum = build_engine(spec, fault)
     try:
         yield engine, init_checksum
     finally:
@@ -132,7 +106,7 @@ def run_resume_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
             engine.save_checkpoint(directory, tag="resume")
             uninterrupted = first + _train(engine, spec, range(resume_step, spec.steps), rank, fault, trace)
         with _engine(spec, fault) as (engine, _):
-            engine.load_checkpoint(directory, tag="resume", **_hook(fault, "checkpoint_load_options", dict)())
+            engine.load_checkpoint(directory, tag="resume", **fault.checkpoint_load_options())
             resumed = _train(engine, spec, range(resume_step, spec.steps), rank, fault, trace)
     trace.steps = first + resumed
     trace.meta.update(resume_step=resume_step, uninterrupted=[_summary(r) for r in uninterrupted],
@@ -140,13 +114,14 @@ def run_resume_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     return trace
 
 
-def epochs_config(spec: RunSpec) -> dict[str, Any]:
-    """The cell's DeepSpeed config, with a warm-up (half an epoch) + linear-decay schedule unless it has one."""
-    config = spec.ds_config()
-    config.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {
+def with_schedule(spec: RunSpec) -> RunSpec:
+    """``spec`` with a warm-up (half an epoch) + linear-decay schedule in its DeepSpeed config, unless
+    ``ds_extra`` sets one: the schedule is config a user could copy, like the rest of the cell's."""
+    extra = json.loads(spec.ds_extra)
+    extra.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {
         "warmup_min_lr": 0.0, "warmup_max_lr": spec.lr, "warmup_num_steps": BATCHES_PER_EPOCH // 2,
         "total_num_steps": spec.steps, "warmup_type": "linear"}})
-    return config
+    return spec.with_(ds_extra=json.dumps(extra))
 
 
 def evaluate(engine: Any, spec: RunSpec, batch: Batch) -> float:
@@ -167,7 +142,7 @@ def run_epochs_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     if spec.steps % BATCHES_PER_EPOCH or spec.steps < 2 * BATCHES_PER_EPOCH:
         raise SpecError(f"{spec.cell_id}: steps={spec.steps} must be two or more epochs of {BATCHES_PER_EPOCH} batches")
     fault, started = get_fault(spec.fault), time.perf_counter()
-    with _engine(spec, fault, epochs_config(spec)) as (engine, init_checksum), fault.installed(engine, spec, rank):
+    with _engine(with_schedule(spec), fault) as (engine, init_checksum), fault.installed(engine, spec, rank):
         trace = _new_trace(spec, meta, init_checksum)
         eval_steps = list(range(EVAL_EVERY - 1, spec.steps, EVAL_EVERY))
         trace.meta.update(batches_per_epoch=BATCHES_PER_EPOCH, eval_steps=eval_steps)
@@ -175,11 +150,11 @@ def run_epochs_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
         for step in range(spec.steps):
             epoch, position = divmod(step, BATCHES_PER_EPOCH)
             if position == 0 and epoch:
-                _hook(fault, "at_epoch_start", lambda engine, epoch: None)(engine, epoch)
+                fault.at_epoch_start(engine, epoch)
             # train_step trains on the workload's batch of the step it is given: the position in the epoch
             record, grads = train_step(engine, spec, position, rank, fault)
             record = replace(record, step=step)
-            if step in eval_steps and _hook(fault, "runs_eval", lambda epoch: True)(epoch):
+            if step in eval_steps and fault.runs_eval(epoch):
                 record.eval_loss = evaluate(engine, spec, held_out)
             trace.steps.append(record)
             if step == 0:

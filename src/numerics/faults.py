@@ -41,6 +41,17 @@ class Fault:
         """Extra keyword arguments for ``peft.get_peft_model`` (LoRA cells)."""
         return {}
 
+    def checkpoint_load_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for ``engine.load_checkpoint`` (resume cells)."""
+        return {}
+
+    def at_epoch_start(self, engine: Any, epoch: int) -> None:
+        """Called before the first step of every epoch (epochs cells)."""
+
+    def runs_eval(self, epoch: int) -> bool:
+        """Whether the scheduled evals of this epoch run (epochs cells)."""
+        return True
+
     def on_reduced(self, reduced: torch.Tensor, local: torch.Tensor, index: int, rank: int, world_size: int) -> None:
         """Called after each gradient reduction with its output and this rank's input."""
 
@@ -205,13 +216,6 @@ class OptimizerResetAtEpoch(EpochFault):
                 state[key] = value.zero_() if torch.is_tensor(value) else 0
 
 
-class LrRestartAtPeak(EpochFault):
-    """The lr schedule restarts at its peak every epoch, skipping warm-up: the lr jumps up."""
-
-    def at_epoch_start(self, engine: Any, epoch: int) -> None:
-        engine.lr_scheduler.step(engine.lr_scheduler.warmup_num_steps)
-
-
 class EvalSkipped(EpochFault):
     """Eval runs in the first epoch only (an eval loader exhausted, a step counter reset), silently."""
 
@@ -270,10 +274,6 @@ FAULTS: dict[str, Fault] = {
         ),
         OptimizerResetAtEpoch(
             "optimizer_reset_at_epoch", "Adam's moments and step reset to zero at every epoch boundary",
-            ("epoch_continuity",), dict(EpochFault.CELL),
-        ),
-        LrRestartAtPeak(
-            "lr_restart_at_peak", "the warm-up + decay lr schedule restarts at its peak at every epoch boundary",
             ("epoch_continuity",), dict(EpochFault.CELL),
         ),
         EvalSkipped(

@@ -65,7 +65,9 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, device_offse
         torch.set_num_threads(1)  # 2 cores, and bit-reproducibility depends on the thread count
         import deepspeed
 
-        from numerics.platform import lift_cpu_fp16_check, run_metadata
+        from numerics.platform import lift_cpu_fp16_check, quiet_libraries, run_metadata
+
+        quiet_libraries()
 
         lifted = lift_cpu_fp16_check()
         if backend == "nccl":

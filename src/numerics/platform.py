@@ -53,6 +53,19 @@ def lift_cpu_fp16_check() -> bool:
     return True
 
 
+def quiet_libraries() -> None:
+    """Keep rank output to what matters: DeepSpeed's per-engine info and warnings and torch's
+    deprecation notices repeat for every cell; errors still show, and verdicts say the rest."""
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
     for name in TRACKED_PACKAGES:
