@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from numerics.faults import FAULTS
 from numerics.spec import LORA_INVARIANTS, OVERFIT_INVARIANTS, RunSpec
 
 STAGES = [0, 1, 2, 3]
@@ -73,6 +74,20 @@ FAMILIES += [
         "padded",
         axes={"zero_stage": STAGES, "dtype": ["fp32", "bf16"], "grad_accum": [1, 4]},
         base={"workload": "padded", "world_size": 2, "micro_batch": 4},
+    ),
+]
+FAMILIES += [
+    Family(
+        # Incident 5: checkpoint mid-run, resume in a fresh engine, bit-exact against the run uninterrupted.
+        "resume",
+        axes={"zero_stage": STAGES, "dtype": DTYPES, "lora": [False, True]},
+        base={**FAULTS["resume_without_optimizer_state"].cell, "world_size": 2},
+    ),
+    Family(
+        # Incident 4: several epochs over a finite dataset with a warm-up/decay schedule and evals.
+        "epochs",
+        axes={"zero_stage": [0, 3], "dtype": ["fp32", "bf16"]},
+        base={**FAULTS["optimizer_reset_at_epoch"].cell, "world_size": 2},
     ),
 ]
 FAMILIES.append(Family(
