@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from numerics.data import markov_chain
-from numerics.invariants import INVARIANTS, check
+from numerics.invariants import check
 from numerics.spec import DEFAULT_INVARIANTS, RunSpec
 from numerics.thresholds import TOLERANCES, tolerance
 from numerics.trace import StepRecord, Trace

@@ -51,7 +51,10 @@ def results_table(results: Iterable[CellResult]) -> Table:
 
 def summary_line(results: list[CellResult]) -> str:
     counts = {status: sum(r.status == status for r in results) for status in ("pass", "xfail", "fail")}
-    return f"{counts['pass']} passed, {counts['fail']} failed, {counts['xfail']} xfailed (known deviations)"
+    line = f"{counts['pass']} passed, {counts['fail']} failed, {counts['xfail']} xfailed (known deviations)"
+    if any(r.outcome.trace and r.outcome.trace.meta.get("fp16_check_lifted") for r in results):
+        line += "; fp16 cells ran with DeepSpeed's CPU fp16 check lifted (no native fp16 on this processor)"
+    return line
 
 
 def cell_record(result: CellResult) -> dict:

@@ -27,7 +27,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from numerics.data import micro_batch_indices
 from numerics.models import build_model, causal_lm_loss, tensor_checksum
 from numerics.spec import OPTIMIZER_DEFAULTS, RunSpec
-from numerics.trace import StepRecord, Trace
+from numerics.trace import Trace
 from numerics.cells import torch_linear
 from numerics.train import measure_step
 from numerics.workloads import Batch, get_workload, slice_batch
