@@ -65,6 +65,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     console = make_console()
     rows = run_selftest(args.backend, console)
     console.print(detection_table(rows))
+    console.print(f"{len(rows)} faults: {sum(r.detected for r in rows)} detected by a targeted invariant, "
+                  f"{sum(r.clean.status != 'fail' for r in rows)} clean twins passed")
     return 0 if all(row.ok for row in rows) else 1
 
 

@@ -98,6 +98,21 @@ FAMILIES.append(Family(
     axes={"zero_stage": STAGES, "dtype": DTYPES, "grad_accum": [1, 2]},
     base={"world_size": 2, "driver": "trainer"},
 ))
+_BY_NAME = {family.name: family for family in FAMILIES}
+FAMILIES += [
+    Family(
+        # Incident 3 under the Trainer: the overfit cell, the workload's loss backpropagated by the Trainer.
+        "trainer_overfit",
+        axes={"zero_stage": [0, 2], "dtype": ["fp32"]},
+        base={**_BY_NAME["overfit"].base, "driver": "trainer"},
+    ),
+    Family(
+        # Incident 6 under the Trainer: its GA scaling and accelerate's backward must keep the global-token normalisation.
+        "trainer_padded",
+        axes={"zero_stage": [0, 3], "dtype": ["fp32", "bf16"], "grad_accum": [1, 4]},
+        base={**_BY_NAME["padded"].base, "driver": "trainer"},
+    ),
+]
 
 # Cells no sane user runs, or that cannot run, with the reason. Matched on the rendered cell.
 EXCLUSIONS: list[tuple[dict[str, Any], str]] = [
