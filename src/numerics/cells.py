@@ -15,6 +15,7 @@ DRIVERS = {
     "trainer": "numerics.trainer_driver:run_trainer_cell",
     "resume": "numerics.continuity:run_resume_cell",
     "epochs": "numerics.continuity:run_epochs_cell",
+    "trainer_epochs": "numerics.trainer_driver:run_trainer_epochs_cell",
 }
 
 

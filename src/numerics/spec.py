@@ -19,7 +19,7 @@ MODELS = ("llama", "mlp")
 OPTIMIZERS = ("adamw", "sgd")
 OPTIMIZER_SOURCES = ("config", "client")
 BUCKETS = ("scaled", "default")
-DRIVERS = ("engine", "trainer", "resume", "epochs")  # see cells.py
+DRIVERS = ("engine", "trainer", "resume", "epochs", "trainer_epochs")  # see cells.py
 
 # Keys of the ZeRO templates that are scaled to the tiny model; the
 # ``buckets="default"`` cells drop them to run DeepSpeed's own defaults.
