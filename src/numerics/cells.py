@@ -1,6 +1,7 @@
 """Which training loop runs a cell on a rank: the driver named by its RunSpec."""
 from __future__ import annotations
 
+import time
 from importlib import import_module
 from typing import Any, Callable
 
@@ -31,7 +32,11 @@ def run_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     installs a memory-efficient ``torch.nn.functional.linear`` and never restores it, which
     changes the last bits of every later cell."""
     module, function = DRIVERS[spec.driver].split(":")
+    started = time.perf_counter()
     try:
-        return getattr(import_module(module), function)(spec, rank, meta)
+        trace = getattr(import_module(module), function)(spec, rank, meta)
     finally:
         torch.nn.functional.linear = torch_linear()
+    wall_s = time.perf_counter() - started
+    trace.meta.update(wall_s=wall_s, steps_per_s=len(trace.steps) / wall_s)
+    return trace

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Iterator
@@ -98,7 +97,7 @@ def run_resume_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     """Train through a save at ``steps // 2``, then resume that checkpoint in a fresh engine."""
     from numerics.faults import get_fault
 
-    fault, resume_step, started = get_fault(spec.fault), spec.steps // 2, time.perf_counter()
+    fault, resume_step = get_fault(spec.fault), spec.steps // 2
     with _shared_tempdir(spec) as directory:
         with _engine(spec, fault) as (engine, init_checksum):
             trace = _new_trace(spec, meta, init_checksum)
@@ -109,8 +108,7 @@ def run_resume_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
             engine.load_checkpoint(directory, tag="resume", **fault.checkpoint_load_options())
             resumed = _train(engine, spec, range(resume_step, spec.steps), rank, fault, trace)
     trace.steps = first + resumed
-    trace.meta.update(resume_step=resume_step, uninterrupted=[_summary(r) for r in uninterrupted],
-                      wall_s=time.perf_counter() - started)
+    trace.meta.update(resume_step=resume_step, uninterrupted=[_summary(r) for r in uninterrupted])
     return trace
 
 
@@ -141,7 +139,7 @@ def run_epochs_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
 
     if spec.steps % BATCHES_PER_EPOCH or spec.steps < 2 * BATCHES_PER_EPOCH:
         raise SpecError(f"{spec.cell_id}: steps={spec.steps} must be two or more epochs of {BATCHES_PER_EPOCH} batches")
-    fault, started = get_fault(spec.fault), time.perf_counter()
+    fault = get_fault(spec.fault)
     with _engine(with_schedule(spec), fault) as (engine, init_checksum), fault.installed(engine, spec, rank):
         trace = _new_trace(spec, meta, init_checksum)
         eval_steps = list(range(EVAL_EVERY - 1, spec.steps, EVAL_EVERY))
@@ -159,5 +157,4 @@ def run_epochs_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
             trace.steps.append(record)
             if step == 0:
                 trace.step0_grads = {k: v.numpy() for k, v in grads.items()}
-    trace.meta["wall_s"] = time.perf_counter() - started
     return trace

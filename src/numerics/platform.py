@@ -62,6 +62,8 @@ def quiet_libraries() -> None:
     from deepspeed.utils import logger
 
     logger.setLevel(logging.ERROR)
+    for name in ("accelerate", "transformers"):  # e.g. accelerate's GA-plugin notice on every Trainer cell
+        logging.getLogger(name).setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
 

@@ -11,7 +11,6 @@ holds after the step.
 from __future__ import annotations
 
 import math
-import time
 from contextlib import nullcontext
 from typing import Any, Callable, Iterator
 
@@ -154,7 +153,6 @@ def run_engine_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     from numerics.faults import get_fault
 
     fault = get_fault(spec.fault)
-    started = time.perf_counter()
     engine, init_checksum = build_engine(spec, fault)
     workload = get_workload(spec.workload)
     trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), meta=dict(meta), init_checksum=init_checksum,
@@ -172,6 +170,4 @@ def run_engine_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
             lora.record_end(engine, spec, trace.meta, workload.step_batch(spec, spec.steps)["input_ids"])
     finally:
         engine.destroy()
-    trace.meta["wall_s"] = time.perf_counter() - started
-    trace.meta["steps_per_s"] = spec.steps / trace.meta["wall_s"]
     return trace

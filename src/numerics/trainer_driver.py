@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from functools import partial
 from typing import Any, Callable
 
@@ -218,7 +217,6 @@ def train(spec: RunSpec, rank: int, meta: dict[str, Any], batches: list[Batch], 
     """Train ``spec`` through a Trainer over ``batches`` (one epoch), with ``arguments_spec``'s
     DeepSpeed config and ``arguments``; the Trainer's eval, if scheduled, is on ``eval_batch``
     (accelerate deals it across the ranks). This rank's checksums only."""
-    started = time.perf_counter()
     model, workload = build_model(spec.model, spec.seed), get_workload(spec.workload)
     trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), meta={**meta, "driver": spec.driver, "inherited_state": inherited_state()},
                   init_checksum=tensor_checksum(list(model.parameters())),
@@ -235,8 +233,6 @@ def train(spec: RunSpec, rank: int, meta: dict[str, Any], batches: list[Batch], 
             trainer.train()
     finally:
         release(trainer, environ)
-    trace.meta["wall_s"] = time.perf_counter() - started
-    trace.meta["steps_per_s"] = spec.steps / trace.meta["wall_s"]
     return trace
 
 
