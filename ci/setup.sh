@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv if missing and installs what Numerics needs, skipping what is already there.
+# Creates .venv if missing and installs what Numerics needs, skipping what is already right.
 # Order matters: torch first (a range would pull CUDA wheels), DeepSpeed without build
-# isolation (its build would pull a CUDA torch), then the package itself.
+# isolation (its build would pull a CUDA torch), then the package itself. A torch or
+# DeepSpeed already installed at another version than asked is replaced, and says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,16 +13,24 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
 pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
+# The installed version of a package without its local label (2.13.0+cpu -> 2.13.0); empty if none.
+installed() { "$VPY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]).split('+')[0])" "$1" 2>/dev/null || true; }
+# Succeeds when $1 is installed at version $2, else says what will happen.
+at_version() {
+    local have
+    have="$(installed "$1")"
+    [ "$have" = "${2%%+*}" ] && return 0
+    if [ -n "$have" ]; then
+        echo "!!! $1 $have is installed but $1==$2 was asked: reinstalling $1==$2" >&2
+    else
+        echo "installing $1==$2"
+    fi
+    return 1
+}
 
-if ! "$VPY" -c "import torch" 2>/dev/null; then
-    echo "installing torch==$TORCH_VERSION"
-    pip_install "torch==$TORCH_VERSION"
-fi
-if ! "$VPY" -c "import deepspeed" 2>/dev/null; then
-    echo "installing deepspeed==$DEEPSPEED_VERSION"
-    DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
-fi
-if ! "$VPY" -c "import numerics, pytest, peft, accelerate" 2>/dev/null; then
+at_version torch "$TORCH_VERSION" || pip_install "torch==$TORCH_VERSION"
+at_version deepspeed "$DEEPSPEED_VERSION" || DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
+if ! "$VPY" -c "import numerics, pytest, peft, accelerate, uv" 2>/dev/null; then
     echo "installing numerics[test]"
     pip_install -e ".[test]"
 fi

@@ -16,13 +16,13 @@ STEPS = 16
 SPEC = RunSpec(zero_stage=2, dtype="fp32")
 
 
-def make_trace(losses=None, grad_norms=None, reported="same", checksums=2, spec=SPEC, **fields) -> Trace:
+def make_trace(losses=None, grad_norms=None, reported="same", checksums=2, gathered=2, spec=SPEC, **fields) -> Trace:
     """A healthy 16-step trace (loss 4.1 -> ~3.7, grad norm ~1 decaying) unless told otherwise."""
     losses = list(np.linspace(4.1, 3.7, STEPS)) if losses is None else losses
     grad_norms = [1.0 - 0.01 * i for i in range(len(losses))] if grad_norms is None else grad_norms
     reported = grad_norms if reported == "same" else reported
     steps = [StepRecord(step=i, loss=float(loss), grad_norm=g, grad_norm_reported=r,
-                        param_checksums=[f"sum{i}"] * checksums)
+                        param_checksums=[f"sum{i}"] * checksums, gathered_errors=[0.0] * gathered)
              for i, (loss, g, r) in enumerate(zip(losses, grad_norms, reported))]
     defaults = dict(init_checksum="init0", step0_grads={"w": np.ones((3, 4)), "b": np.full(5, 0.5)},
                     entropy_rate=markov_chain().entropy_rate, entropy_floor=get_workload("markov").entropy_floor(spec))
@@ -61,10 +61,13 @@ def test_good_trace_passes_every_invariant(name):
     ("init_matches", make_trace(init_checksum="other"), 0),
     ("step0_grads", make_trace(step0_grads={"w": np.ones((3, 4)) * 1.1, "b": np.full(5, 0.5)}), 0),
     ("grad_norm_agrees", make_trace(reported=[2 * g for g in GOOD_GRADS]), 0),
+    ("gathered_params_match", make_trace(), 6),
 ])
 def test_bad_trace_fails_naming_the_step(name, trace, step):
     if name == "replicas_agree":
         trace.steps[3].param_checksums = ["sum3", "drifted"]
+    if name == "gathered_params_match":  # one rank's view of the weights is a stale buffer at step 6
+        trace.steps[6].gathered_errors = [0.0, 3.0e38]
     result = verdict(name, trace)
     assert result.status == "fail" and result.failed
     assert result.step == step
@@ -99,6 +102,7 @@ def test_reference_invariants_are_na_without_a_reference(name):
 @pytest.mark.parametrize("name, trace", [
     ("grad_norm_agrees", make_trace(reported=[None] * STEPS)),
     ("replicas_agree", make_trace(checksums=1)),
+    ("gathered_params_match", make_trace(gathered=0)),
     ("no_collapse", make_trace(entropy_rate=None, entropy_floor=None)),
     ("learns", make_trace(losses=GOOD_LOSSES[:5])),
 ])
@@ -121,3 +125,9 @@ def test_spike_after_vanished_gradients_is_a_verdict_not_a_crash():
 def test_check_rejects_unknown_invariants():
     with pytest.raises(KeyError, match="no_such"):
         check(make_trace(), None, ("finite", "no_such"))
+
+
+def test_gathered_params_match_fails_on_nan():
+    trace = make_trace()
+    trace.steps[2].gathered_errors = [math.nan, 0.0]
+    assert verdict("gathered_params_match", trace).status == "fail"

@@ -1,8 +1,9 @@
 """The adapter-dtype cell on the real releases, not only on the emulation in faults.py:
 under PEFT 0.7.0 (adapters created in the fp16 base dtype, stepped by a client AdamW)
 it turns red through adapter_dtype_policy and finite; under PEFT 0.6.2 (fp32 adapters)
-it stays green. Both run with transformers 4.36.2, each in its own overlay
-(numerics.sideenv), installed here on first use: CI starts on a fresh machine."""
+it stays green. Both run with transformers 4.36.2 pinned, each in its own environment
+(numerics.versions), built here on first use and cached in the clone: CI starts on a
+fresh machine. Their co-dependencies (tokenizers 0.15, ...) are resolved, not written."""
 import os
 
 import pytest
@@ -10,7 +11,9 @@ import pytest
 from numerics.faults import FAULTS
 from numerics.platform import package_versions
 from numerics.selftest import fault_cell
-from numerics.sideenv import SideEnvError, VersionSet, VERSION_SETS, ensure_overlay, run_cells_in
+from numerics.versions.cells import run_cells_in
+from numerics.versions.environments import Environment, build
+from numerics.versions.resolve import Pin, parse_pins
 
 pytestmark = pytest.mark.multigpu
 
@@ -25,26 +28,31 @@ def _worker() -> int:
     return int(name[2:]) if name.startswith("gw") else 0
 
 
-def run_release(name: str, request: pytest.FixtureRequest) -> dict:
-    vset = VERSION_SETS[name]
-    [record] = run_cells_in(vset, [CELL], TIMEOUT_S, backend=request.config.getoption("backend"), worker=_worker())
+def run_release(peft: str, request: pytest.FixtureRequest) -> tuple[dict, tuple[Pin, ...]]:
+    pins = parse_pins([f"peft=={peft}", "transformers==4.36.2"])
+    environment = build(pins)
+    [record] = run_cells_in(environment, [CELL], TIMEOUT_S, backend=request.config.getoption("backend"),
+                            worker=_worker())
     story = "\n".join(f"  {status:5s} {invariant}: {message}" for invariant, status, message in record["verdicts"])
-    record["story"] = f"{record['cell']} under {name}: {record['status']}\nlosses: {record['losses']}\n" \
-                      f"adapter: {record['adapter']}\nerror: {record['error']}\n{story}"
-    return record
+    record["story"] = f"{record['cell']} under {environment.path} {pins}: {record['status']}\n" \
+                      f"losses: {record['losses']}\nadapter: {record['adapter']}\nerror: {record['error']}\n{story}"
+    assert_ran_the_release(record, pins, environment)
+    return record, pins
 
 
-def assert_ran_the_release(record: dict, vset: VersionSet) -> None:
-    """The ranks (not only the subprocess) saw the overlay's releases and the main venv's torch/DeepSpeed."""
+def assert_ran_the_release(record: dict, pins: tuple[Pin, ...], environment: Environment) -> None:
+    """The ranks (not only the subprocess) saw the pinned releases from the environment and the
+    main venv's torch and DeepSpeed."""
     seen = record["versions"]
     assert seen is not None, record["story"]
-    for package in ("peft", "transformers", "accelerate"):
-        assert seen[package] == vset.pinned(package), (package, seen)
-        assert record["modules"][package]["from_overlay"], record["modules"][package]
+    for pin in pins:
+        assert seen[pin.name] == pin.version, (pin, seen)
+        assert record["modules"][pin.name]["from_overlay"], record["modules"][pin.name]
     main = package_versions()
     for package in ("torch", "deepspeed"):
         assert seen[package] == main[package], (package, seen, main)
         assert not record["modules"][package]["from_overlay"], record["modules"][package]
+    assert any(name.startswith("tokenizers==0.15.") for name in environment.record["install"]), environment.record
 
 
 def statuses(record: dict) -> dict[str, str]:
@@ -52,25 +60,16 @@ def statuses(record: dict) -> dict[str, str]:
 
 
 def test_peft_0_6_2_keeps_adapters_fp32_and_the_cell_green(request):
-    record = run_release("peft-0.6.2", request)
-    assert_ran_the_release(record, VERSION_SETS["peft-0.6.2"])
+    record, _ = run_release("0.6.2", request)
     assert record["status"] == "pass", record["story"]
     assert statuses(record)["adapter_dtype_policy"] == "pass", record["story"]
     assert record["adapter"]["trainable_dtypes"] == ["torch.float32"], record["story"]
 
 
 def test_peft_0_7_0_adapters_in_fp16_turn_the_cell_red(request):
-    record = run_release("peft-0.7.0", request)
-    assert_ran_the_release(record, VERSION_SETS["peft-0.7.0"])
+    record, _ = run_release("0.7.0", request)
     assert record["status"] == "fail", record["story"]
     failed = {invariant for invariant, status in statuses(record).items() if status == "fail"}
     assert {"adapter_dtype_policy", "finite"} <= failed, record["story"]
     assert "completes" not in failed, record["story"]  # it trains to the end; the numbers are what break
     assert record["adapter"]["trainable_dtypes"] == ["torch.float16"], record["story"]
-
-
-def test_a_pin_pip_cannot_find_is_named(tmp_path):
-    bogus = VersionSet("bogus", ("peft==0.6.99",))
-    with pytest.raises(SideEnvError, match=r"'bogus'.*peft==0\.6\.99"):
-        ensure_overlay(bogus, root=tmp_path)
-    assert not (tmp_path / "bogus").exists()  # nothing half-installed is left to be taken for an overlay

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from numerics import matrix
 from numerics.report import print_report, write_report
@@ -43,12 +46,84 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not specs:
         console.print(f"no cells match {args.cells!r}")
         return 2
+    if args.pin:
+        return run_with_pins(args, specs, console)
     console.print(f"{len(specs)} cells ({'full product' if args.full else 'covering subset; --full for all'})")
     results = run_cells(specs, args.backend, console)
     print_report(results, console)
     write_report(results, Path(args.report))
     console.print(f"wrote {args.report}/results.json and {args.report}/junit.xml")
     return 1 if any(r.status == "fail" for r in results) else 0
+
+
+def run_with_pins(args: argparse.Namespace, specs: list[RunSpec], console: Console) -> int:
+    """``run --pin``: the same run re-executed inside the pins' environment, so the ranks
+    inherit it; exit 2 for bad pins, 3 when the environment cannot be built."""
+    from numerics.versions.cells import run_pinned
+    from numerics.versions.resolve import BadPins, parse_pins
+
+    try:
+        return run_pinned(parse_pins(args.pin), without_pins(args.argv), specs, Path(args.report), console)
+    except BadPins as err:
+        console.print(f"error: {err}", highlight=False)
+        return 2
+
+
+def without_pins(argv: list[str]) -> list[str]:
+    """``run``'s arguments less every ``--pin X`` / ``--pin=X``, for the run inside the environment."""
+    kept, skip = [], False
+    for argument in argv[argv.index("run") + 1:]:
+        if skip or argument.startswith("--pin="):
+            skip = False
+        elif argument == "--pin":
+            skip = True
+        else:
+            kept.append(argument)
+    return kept
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """``numerics env build|list|prune``: exit 2 for bad pins, 3 when a build cannot build."""
+    from numerics.versions import environments
+    from numerics.versions.cells import CANNOT_BUILD_EXIT
+    from numerics.versions.resolve import BadPins, CannotBuild, parse_pins
+
+    console = make_console()
+    try:
+        pins = parse_pins(args.pins)
+        if args.action == "build" and not pins:
+            raise BadPins("env build needs at least one PKG==VERSION pin, e.g. peft==0.7.0")
+        if args.action == "build":
+            environments.build(pins, console)
+        elif args.action == "list":
+            console.print(environments_table(environments.environments(), environments.failures()))
+        else:
+            for path in environments.prune(unused_days=args.unused_days, pins=pins):
+                console.print(f"removed {path}")
+    except BadPins as err:
+        console.print(f"error: {err}", highlight=False)
+        return 2
+    except CannotBuild:
+        return CANNOT_BUILD_EXIT
+    return 0
+
+
+def environments_table(built: list, failed: list[dict]) -> Table:
+    from numerics.versions.environments import size_bytes
+
+    table = Table(title="Numerics environments")
+    for column in ("pins", "resolved set", "kind / policy", "size", "build", "last used", "status"):
+        table.add_column(column)
+    for environment in built:
+        record = environment.record
+        table.add_row("\n".join(", ".join(pins) for pins in record["pins"]), ", ".join(record["install"]) or "-",
+                      f"{record['kind']} / {record['policy']}", f"{size_bytes(environment.path) / 2**20:.0f} MB",
+                      f"{record['built_s']:.0f}s", time.strftime("%Y-%m-%d %H:%M", time.localtime(record["used"])),
+                      f"[green]ready[/] {environment.path.name}")
+    for failure in failed:
+        table.add_row(", ".join(failure["pins"]), "-", "-", "-", "-", "-",
+                      f"[magenta]cannot build[/]: {escape(failure['reason'])}")
+    return table
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -79,7 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--world-size", type=int, help="only cells of this world size")
     run.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl with a GPU per rank, else gloo")
     run.add_argument("--report", default="reports/latest", help="directory for results.json and junit.xml")
-    run.set_defaults(func=cmd_run)
+    run.add_argument("--pin", action="append", default=[], metavar="PKG==V",
+                     help="run inside the environment for these releases (repeatable; exit 3: cannot build)")
+    run.set_defaults(func=cmd_run, argv=sys.argv[1:] if argv is None else argv)
+    env = sub.add_parser("env", help="build, list or prune environments for release pins")
+    env.add_argument("action", choices=["build", "list", "prune"])
+    env.add_argument("pins", nargs="*", metavar="PKG==V", help="build: the releases; prune: only their environment")
+    env.add_argument("--unused-days", type=float, help="prune: only environments not used for this many days")
+    env.set_defaults(func=cmd_env)
     sub.add_parser("prepare", help="build DeepSpeed's CPU ops once").set_defaults(func=cmd_prepare)
     selftest = sub.add_parser("selftest", help="inject every fault and show which invariants catch it")
     selftest.add_argument("--backend", choices=["gloo", "nccl"])

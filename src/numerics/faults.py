@@ -4,7 +4,8 @@ Every fault keeps the run finite, as the real bugs did (a wrong scale, a lost
 bucket, a rank that drifts), so the invariant it targets has to catch it, not
 ``finite``. A fault acts at one of the training loop's seams: the model before
 ``deepspeed.initialize``, the backward call, or DeepSpeed's gradient reduction
-(its communication backend, tapped only while ``engine.backward`` runs).
+(its communication backend, tapped only while ``engine.backward`` runs), and
+under a Trainer what it logs.
 Everything a fault patches is restored when its cell ends, so the next cell in
 the same ranks runs clean.
 """
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from numerics.spec import LORA_INVARIANTS, OVERFIT_INVARIANTS
+from numerics.spec import LORA_INVARIANTS, OVERFIT_INVARIANTS, TRAINER_INVARIANTS
 
 REDUCTIONS = ("all_reduce", "reduce_scatter_tensor")
 
@@ -51,6 +52,9 @@ class Fault:
     def runs_eval(self, epoch: int) -> bool:
         """Whether the scheduled evals of this epoch run (epochs cells)."""
         return True
+
+    def alter_logs(self, logs: dict[str, float], spec: Any) -> None:
+        """Change, in place, what a Trainer logs before anyone reads it (trainer cells)."""
 
     def on_reduced(self, reduced: torch.Tensor, local: torch.Tensor, index: int, rank: int, world_size: int) -> None:
         """Called after each gradient reduction with its output and this rank's input."""
@@ -184,6 +188,30 @@ class RankRaises(Fault):
             raise RuntimeError("injected failure on the last rank")
 
 
+class StaleGatheredView(Fault):
+    """The last rank's ``GatheredParameters`` view of one tensor is a buffer the all-gather never
+    filled, as on DeepSpeed < 0.19.8 over gloo. Discarded on exit (not a modifier), so training
+    stays exact and only the view a user reads or saves is wrong."""
+
+    @contextmanager
+    def installed(self, engine: Any, spec: Any, rank: int) -> Iterator[None]:
+        from deepspeed import zero
+
+        original = zero.GatheredParameters.__enter__
+
+        def enter(context: Any) -> Any:
+            result = original(context)
+            if rank == spec.world_size - 1 and getattr(context, "params", None):
+                context.params[0].data.fill_(1.0e30)  # what the unfilled buffer happened to hold
+            return result
+
+        zero.GatheredParameters.__enter__ = enter
+        try:
+            yield
+        finally:
+            zero.GatheredParameters.__enter__ = original
+
+
 class ResumeWithoutOptimizerState(Fault):
     """The resumed engine loads weights only: Adam moments and step, and the lr schedule, start over."""
 
@@ -228,6 +256,24 @@ class WorkloadFault(Fault):
     ``spec.fault`` (workloads.py), as a user's collator or loss function would carry the bug."""
 
 
+class LossFault(WorkloadFault):
+    """A fault in the workload's loss: only a loop that backpropagates that loss carries it, not a
+    stock Trainer, which takes the model's own loss from ``labels``."""
+
+
+class LoggingFault(Fault):
+    """A fault in what a Trainer logs, not in what it trains; its seam is ``Trainer.log``."""
+
+
+class LoggedLossTimesGA(LoggingFault):
+    """The Trainer logs the loss multiplied by the accumulation steps while training right, as the
+    transformers releases did whose logged loss summed the micro-batch losses without dividing by GA."""
+
+    def alter_logs(self, logs: dict[str, float], spec: Any) -> None:
+        if "loss" in logs:
+            logs["loss"] *= spec.grad_accum
+
+
 FAULTS: dict[str, Fault] = {
     fault.name: fault
     for fault in [
@@ -268,6 +314,10 @@ FAULTS: dict[str, Fault] = {
             "rank_raises", "the last rank raises inside a gradient reduction",
             ("completes",), dict(zero_stage=1),
         ),
+        StaleGatheredView(
+            "stale_gathered_view", "ZeRO-3: the last rank's GatheredParameters view of a tensor is an unfilled buffer",
+            ("gathered_params_match",), dict(zero_stage=3),
+        ),
         ResumeWithoutOptimizerState(
             "resume_without_optimizer_state", "a checkpoint resumed without its optimizer and lr-scheduler states",
             ("resume_matches",), dict(ResumeWithoutOptimizerState.CELL, zero_stage=1),
@@ -286,9 +336,13 @@ FAULTS: dict[str, Fault] = {
             # ws 2 x 1 sample: the two samples, every step
             dict(workload="overfit", world_size=2, micro_batch=1, steps=60, lr=5e-3, invariants=OVERFIT_INVARIANTS),
         ),
-        WorkloadFault(
+        LossFault(
             "naive_token_mean", "each micro-batch's loss is its own token mean (outputs.loss), not the global one",
             ("parity_loss", "parity_grad_norm", "step0_grads"), dict(workload="padded", world_size=1, micro_batch=2, grad_accum=4),
+        ),
+        LoggedLossTimesGA(
+            "logged_loss_times_ga", "the Trainer logs the loss times the accumulation steps; training is right",
+            ("logged_matches",), dict(driver="trainer", zero_stage=1, grad_accum=2, micro_batch=2, invariants=TRAINER_INVARIANTS),
         ),
     ]
 }

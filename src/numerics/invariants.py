@@ -15,10 +15,10 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from numerics.thresholds import THRESHOLDS, tolerance
+from numerics.thresholds import THRESHOLDS, Tolerance, tolerance
 from numerics.trace import Trace
 
-Status = Literal["pass", "fail", "n/a", "xfail", "xpass"]
+Status = Literal["pass", "fail", "n/a", "xfail", "xpass", "cannot run"]
 
 
 @dataclass
@@ -232,6 +232,22 @@ def assert_replicas_agree(trace: Trace, reference: Trace | None) -> Verdict:
     return _pass("replicas_agree")
 
 
+@invariant("gathered_params_match")
+def assert_gathered_params_match(trace: Trace, reference: Trace | None) -> Verdict:
+    """ZeRO-3: after every step, on every rank, ``GatheredParameters`` shows exactly the fp32
+    master in the module's dtype: the weights a forward pass, a user's logging or a 16-bit
+    save read. A stale or half-gathered buffer there trains correctly yet saves garbage."""
+    for record in trace.steps:
+        worst = max(record.gathered_errors, default=0.0)
+        if not worst == 0.0:  # NaN included
+            return _fail("gathered_params_match", trace, record.step,
+                         f"GatheredParameters differs from the fp32 master by up to {worst:.3g} "
+                         f"(per rank: {[f'{e:.3g}' for e in record.gathered_errors]}; bit-exact expected)")
+    if not any(r.gathered_errors for r in trace.steps):
+        return _na("gathered_params_match", "parameters are not partitioned (ZeRO 0-2)")
+    return _pass("gathered_params_match")
+
+
 def _needs(trace: Trace, name: str, *keys: str) -> Verdict | None:
     missing = [k for k in keys if k not in trace.meta]
     return _na(name, f"not a LoRA cell (no {', '.join(missing)})") if missing else None
@@ -382,6 +398,46 @@ def assert_supervised_tokens(trace: Trace, reference: Trace | None) -> Verdict:
                          f"{record.supervised_tokens} supervised targets, the response mask says {expected} "
                          "(numerics.label_mask.check_label_mask names the positions)")
     return _pass("supervised_tokens")
+
+
+# Each figure a Trainer logs: the StepRecord field that measured it at the same step, its relative
+# tolerance and its absolute one (a release that rounds what it logs).
+LOGGED_FIGURES: dict[str, tuple[str, Callable[[Tolerance], float], float]] = {
+    "loss": ("loss", lambda tol: tol.loss_rtol, THRESHOLDS.logged_loss_atol),
+    "grad_norm": ("grad_norm", lambda tol: tol.grad_norm_agree_rtol, 0.0),
+    "learning_rate": ("lr", lambda tol: THRESHOLDS.logged_lr_rtol, 0.0),
+    "eval_loss": ("eval_loss", lambda tol: tol.loss_rtol, 0.0),
+}
+
+
+@invariant("logged_matches")
+def assert_logged_matches(trace: Trace, reference: Trace | None) -> Verdict:
+    """Every figure the Trainer logged, what its user reads and plots, equals what was measured at
+    that step within the dtype's tolerance. A figure it did not log where one was measured fails,
+    unless the cell declares why it cannot be logged (``meta["unlogged"]``)."""
+    if "unlogged" not in trace.meta:
+        return _na("logged_matches", "not a Trainer cell (no logged figures recorded)")
+    unlogged, tol, compared = trace.meta["unlogged"], _tolerance(trace), 0
+    for record in trace.steps:
+        logged = record.extra.get("logged", {})
+        for figure, (field, rtol_of, atol) in LOGGED_FIGURES.items():
+            measured = getattr(record, field)
+            if measured is None or (figure == "grad_norm" and record.skipped) or (figure not in logged and figure in unlogged):
+                continue
+            if figure not in logged:
+                return _fail("logged_matches", trace, record.step,
+                             f"the Trainer logged no {figure} (measured {measured:.6g}), and the cell does not declare why")
+            rtol, value = rtol_of(tol), logged[figure]
+            if not abs(value - measured) <= rtol * abs(measured) + atol:
+                return _fail("logged_matches", trace, record.step,
+                             f"the Trainer logged {figure} {value:.6g}, measured {measured:.6g}: relative difference "
+                             f"{relative(value, measured):.3g} > {rtol:g} ({trace.spec.get('dtype')}) + {atol:g} absolute; "
+                             "its user reads a wrong figure")
+            compared += 1
+    if not compared:
+        return _na("logged_matches", "no logged figure was measured")
+    declared = "; ".join(f"{figure} not logged: {why}" for figure, why in unlogged.items())
+    return _pass("logged_matches", f"{compared} figures match" + (f" ({declared})" if declared else ""))
 
 
 def check(trace: Trace, reference: Trace | None, names: tuple[str, ...]) -> list[Verdict]:

@@ -36,6 +36,7 @@ class CellOutcome:
     spec: RunSpec
     trace: Trace | None = None
     error: str | None = None  # tracebacks of the ranks that raised, or the timeout with stacks
+    cannot_run: str | None = None  # the installed release lacks an API the cell needs (compat.Unsupported)
     timed_out: bool = False
     wall_s: float = 0.0
     rank_errors: dict[int, str] = field(default_factory=dict)
@@ -80,10 +81,14 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, device_offse
     results.put(("start", rank, "ok", None))
     from numerics.cells import run_cell
 
+    from numerics.versions.compat import Unsupported
+
     while (task := tasks.get()) is not None:
         number, spec = task
         try:
             results.put((number, rank, "ok", run_cell(spec, rank, meta)))
+        except Unsupported as err:
+            results.put((number, rank, "unsupported", str(err)))
         except BaseException:
             results.put((number, rank, "error", traceback.format_exc()))
 
@@ -164,6 +169,10 @@ class RankPool:
             tasks.put((self._counter, spec))
         replies = self._collect(self._counter, spec.timeout_s, error_grace_s=ERROR_GRACE_S)
         outcome = CellOutcome(spec=spec, wall_s=time.monotonic() - started)
+        unsupported = {text for status, text in replies.values() if status == "unsupported"}
+        if unsupported and len(replies) == self.world_size and all(s == "unsupported" for s, _ in replies.values()):
+            outcome.cannot_run = "; ".join(sorted(unsupported))  # every rank stopped at the same missing API
+            return outcome
         outcome.rank_errors = {rank: text for rank, (status, text) in replies.items() if status != "ok"}
         missing = sorted(set(range(self.world_size)) - set(replies))
         if missing or outcome.rank_errors:
@@ -224,9 +233,14 @@ class RankPool:
         return text
 
 
+PER_RANK_FIELDS = ("param_checksums", "gathered_errors")  # StepRecord lists that hold this rank's value only
+
+
 def merge_rank_traces(traces: list[Trace]) -> Trace:
-    """Rank 0's trace, with every rank's parameter checksum per step."""
+    """Rank 0's trace, with every rank's value of each per-rank field per step."""
     merged = traces[0]
     for index, record in enumerate(merged.steps):
-        record.param_checksums = [t.steps[index].param_checksums[0] if index < len(t.steps) else "missing" for t in traces]
+        for name in PER_RANK_FIELDS:
+            setattr(record, name, [value for trace in traces
+                                   for value in (getattr(trace.steps[index], name) if index < len(trace.steps) else ["missing"])])
     return merged

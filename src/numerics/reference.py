@@ -3,6 +3,11 @@
 Same initial weights, data, global batch and optimizer as the cell, so a bug
 that every ZeRO stage shares (loss scaling, ZeRO-0 paths) cannot hide in the
 reference. Computed once per process for each distinct reference key.
+
+A cell trains step ``s`` on the stream's global batch ``s``, unless its trace
+records other samples (``meta["step_samples"]``: a Trainer's own random sampler
+deals the whole dataset): then the reference trains each step on exactly those
+samples, whose token mean is what a correct run computes whatever their order.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -35,10 +40,21 @@ class ReferenceKey:
     global_batch: int
     workload: str
     lora: bool
+    step_samples: tuple[tuple[int, ...], ...] | None = None  # sample ids per step; None: the stream's own batches
 
     @classmethod
-    def of(cls, spec: RunSpec) -> ReferenceKey:
-        return cls(spec.model, spec.optimizer, spec.lr, spec.steps, spec.seed, spec.seq_len, spec.global_batch, spec.workload, spec.lora)
+    def of(cls, spec: RunSpec, step_samples: Sequence[Sequence[int]] | None = None) -> ReferenceKey:
+        return cls(spec.model, spec.optimizer, spec.lr, spec.steps, spec.seed, spec.seq_len, spec.global_batch, spec.workload, spec.lora,
+                   _unless_stream_order(step_samples, spec.global_batch))
+
+
+def _unless_stream_order(step_samples: Sequence[Sequence[int]] | None, size: int) -> tuple[tuple[int, ...], ...] | None:
+    """Each step's sample ids as a sorted tuple, or None where every step holds the stream's own
+    batch, so such cells share the stream's reference."""
+    if step_samples is None:
+        return None
+    steps = tuple(tuple(sorted(ids)) for ids in step_samples)
+    return None if all(ids == tuple(range(s * size, (s + 1) * size)) for s, ids in enumerate(steps)) else steps
 
 
 @contextmanager
@@ -52,8 +68,9 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def reference_trace(spec: RunSpec) -> Trace:
-    return _reference(ReferenceKey.of(spec))
+def reference_trace(spec: RunSpec, trace: Trace | None = None) -> Trace:
+    """The reference of ``spec``, on the samples ``trace`` recorded per step where it recorded them."""
+    return _reference(ReferenceKey.of(spec, trace.meta.get("step_samples") if trace is not None else None))
 
 
 @cache
@@ -72,8 +89,8 @@ def _reference(key: ReferenceKey) -> Trace:
                       meta={"driver": "plain torch, fp32, one process"})
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         optimizer = build_optimizer(spec, iter(trainable.values()))
-        for step in range(spec.steps):
-            batch = workload.step_batch(spec, step)
+        for step in range(spec.steps if key.step_samples is None else len(key.step_samples)):
+            batch = workload.step_batch(spec, step) if key.step_samples is None else workload.batch_of(spec, key.step_samples[step])
             optimizer.zero_grad(set_to_none=True)
             loss = workload.loss(model(**batch), batch, spec)
             loss.backward()

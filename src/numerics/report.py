@@ -15,7 +15,7 @@ from rich.table import Table
 from numerics.platform import package_versions
 from numerics.runner import CellResult
 
-STATUS_STYLE = {"pass": "green", "xfail": "yellow", "fail": "bold red"}
+STATUS_STYLE = {"pass": "green", "xfail": "yellow", "fail": "bold red", "cannot run": "magenta"}
 
 
 def headline(message: str) -> str:
@@ -50,8 +50,10 @@ def results_table(results: Iterable[CellResult]) -> Table:
 
 
 def summary_line(results: list[CellResult]) -> str:
-    counts = {status: sum(r.status == status for r in results) for status in ("pass", "xfail", "fail")}
+    counts = {status: sum(r.status == status for r in results) for status in STATUS_STYLE}
     line = f"{counts['pass']} passed, {counts['fail']} failed, {counts['xfail']} xfailed (known deviations)"
+    if counts["cannot run"]:
+        line += f", {counts['cannot run']} cannot run (the release lacks an API the cell needs)"
     if any(r.outcome.trace and r.outcome.trace.meta.get("fp16_check_lifted") for r in results):
         line += "; fp16 cells ran with DeepSpeed's CPU fp16 check lifted (no native fp16 on this processor)"
     return line
@@ -92,7 +94,7 @@ def write_json(results: list[CellResult], path: Path) -> None:
 def write_junit(results: list[CellResult], path: Path) -> None:
     suite = ET.Element("testsuite", name="numerics", tests=str(len(results)),
                        failures=str(sum(r.status == "fail" for r in results)),
-                       skipped=str(sum(r.status == "xfail" for r in results)))
+                       skipped=str(sum(r.status in ("xfail", "cannot run") for r in results)))
     for result in results:
         case = ET.SubElement(suite, "testcase", classname="numerics.matrix", name=result.spec.cell_id,
                              time=f"{result.outcome.wall_s:.2f}")
@@ -101,6 +103,8 @@ def write_junit(results: list[CellResult], path: Path) -> None:
             ET.SubElement(case, "failure", message=f"{first.invariant}: {headline(first.message)}").text = result.story()
         elif result.status == "xfail":
             ET.SubElement(case, "skipped", message=f"known deviation: {first.reason}").text = result.story()
+        elif result.status == "cannot run":
+            ET.SubElement(case, "skipped", message=f"cannot run: {headline(first.message)}").text = result.story()
     ET.ElementTree(suite).write(path, encoding="unicode", xml_declaration=True)
 
 

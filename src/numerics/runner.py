@@ -27,14 +27,18 @@ class CellResult:
 
     @property
     def status(self) -> str:
-        """``fail`` if anything failed unexpectedly, else ``xfail`` if a known deviation showed, else ``pass``."""
+        """``cannot run`` if the release lacks what the cell needs, ``fail`` if anything failed
+        unexpectedly, else ``xfail`` if a known deviation showed, else ``pass``."""
+        if any(v.status == "cannot run" for v in self.verdicts):
+            return "cannot run"
         if any(v.failed for v in self.verdicts):
             return "fail"
         return "xfail" if any(v.status == "xfail" for v in self.verdicts) else "pass"
 
     @property
     def first_failure(self) -> Verdict | None:
-        return next((v for v in self.verdicts if v.failed), None) or next((v for v in self.verdicts if v.status == "xfail"), None)
+        return next((v for v in self.verdicts if v.failed or v.status == "cannot run"), None) \
+            or next((v for v in self.verdicts if v.status == "xfail"), None)
 
     def story(self) -> str:
         """Everything a person needs to read a failure without rerunning."""
@@ -48,21 +52,14 @@ class CellResult:
 
 def evaluate(outcome: CellOutcome) -> CellResult:
     """Check every invariant the cell declares, then apply the known-deviations table."""
+    if outcome.cannot_run is not None:
+        return CellResult(outcome, [Verdict("completes", "cannot run", f"[{outcome.spec.cell_id}] {outcome.cannot_run}")])
     if not outcome.ok:
         kind = "timed out" if outcome.timed_out else "raised"
         return CellResult(outcome, [Verdict("completes", "fail", f"[{outcome.spec.cell_id}] {kind}:\n{outcome.error}")])
     trace = outcome.trace
-    verdicts = [Verdict("completes", "pass")] + check(trace, reference_trace(outcome.spec), outcome.spec.invariants)
-    versions = trace.meta.get("versions") or package_versions()
-    for verdict in verdicts:
-        known = deviations.find(trace.spec, verdict.invariant, versions)
-        if known is None:
-            continue
-        verdict.reason = f"{known.reason} {known.link}".strip()
-        if verdict.status == "fail":
-            verdict.status = "xfail"
-        elif verdict.status == "pass":
-            verdict.status, verdict.message = "xpass", f"known deviation no longer reproduces: {verdict.reason}"
+    verdicts = [Verdict("completes", "pass")] + check(trace, reference_trace(outcome.spec, trace), outcome.spec.invariants)
+    deviations.apply(verdicts, trace.spec, trace.meta.get("versions") or package_versions())
     return CellResult(outcome, verdicts)
 
 

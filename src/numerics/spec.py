@@ -20,6 +20,11 @@ OPTIMIZERS = ("adamw", "sgd")
 OPTIMIZER_SOURCES = ("config", "client")
 BUCKETS = ("scaled", "default")
 DRIVERS = ("engine", "trainer", "resume", "epochs", "trainer_epochs")  # see cells.py
+TRAINER_DRIVERS = ("trainer", "trainer_epochs")
+# Which loss a Trainer cell backpropagates (trainer_driver.py): "stock" is what most users run,
+# the model's own loss from ``labels`` with the Trainer's token counting, sampler and sharding;
+# "custom" overrides ``compute_loss`` with the workload's loss and feeds the micro-batches in order.
+TRAINER_LOSSES = ("stock", "custom")
 
 # Keys of the ZeRO templates that are scaled to the tiny model; the
 # ``buckets="default"`` cells drop them to run DeepSpeed's own defaults.
@@ -46,7 +51,7 @@ LORA_LR = {"adamw": 1e-2, "sgd": 0.3}  # adapters start at zero (B = 0) and have
 # The invariants a cell is held to unless it says otherwise (see invariants.py).
 DEFAULT_INVARIANTS = (
     "finite", "no_collapse", "no_spike", "learns", "init_matches", "step0_grads",
-    "parity_loss", "parity_grad_norm", "grad_norm_agrees", "replicas_agree",
+    "parity_loss", "parity_grad_norm", "grad_norm_agrees", "replicas_agree", "gathered_params_match",
 )
 
 # What a LoRA cell is held to: the core set plus the adapter invariants.
@@ -54,7 +59,10 @@ LORA_INVARIANTS = DEFAULT_INVARIANTS + ("adapter_dtype_policy", "frozen_base_unc
 
 # An overfitting cell is not held to the entropy floor, spikes or the learning pace of a stream.
 OVERFIT_INVARIANTS = ("finite", "overfits", "supervised_tokens", "init_matches", "step0_grads",
-                      "parity_loss", "parity_grad_norm", "grad_norm_agrees", "replicas_agree")
+                      "parity_loss", "parity_grad_norm", "grad_norm_agrees", "replicas_agree", "gathered_params_match")
+
+# A Trainer cell is also held to what it shows its user: every logged figure equals the measured one.
+TRAINER_INVARIANTS = DEFAULT_INVARIANTS + ("logged_matches",)
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -107,6 +115,7 @@ class RunSpec:
     seed: int = 0
     seq_len: int = 32
     driver: str = "engine"
+    trainer_loss: str = "stock"  # one of TRAINER_LOSSES; trainer drivers only
     workload: str = "markov"
     lora: bool = False  # wrap the model with PEFT LoRA adapters (see lora.py)
     base_dtype: str = "fp32"  # dtype the base model is loaded in; matters where DeepSpeed precision is off
@@ -146,6 +155,8 @@ class RunSpec:
             parts.append(f"buckets_{self.buckets}")
         if self.driver != "engine":
             parts.append(self.driver)
+        if self.trainer_loss != "stock":
+            parts.append(f"loss_{self.trainer_loss}")
         if self.workload != "markov":
             parts.append(self.workload)
         if self.seed:
@@ -188,6 +199,9 @@ class RunSpec:
         one_of("optimizer_source", self.optimizer_source, OPTIMIZER_SOURCES)
         one_of("buckets", self.buckets, BUCKETS)
         one_of("driver", self.driver, DRIVERS)
+        one_of("trainer_loss", self.trainer_loss, TRAINER_LOSSES)
+        if self.trainer_loss != "stock" and self.driver not in TRAINER_DRIVERS:
+            raise SpecError(f"trainer_loss={self.trainer_loss!r} needs a Trainer driver {TRAINER_DRIVERS}, not {self.driver!r}")
         from numerics.workloads import WORKLOADS  # late: workloads import torch
 
         one_of("workload", self.workload, tuple(WORKLOADS))

@@ -25,6 +25,8 @@ class StepRecord:
     update_norm: float | None = None  # ||params after - params before||
     param_norm: float | None = None
     param_checksums: list[str] = field(default_factory=list)  # one per rank, after the step
+    # ZeRO-3, one per rank: max |GatheredParameters view - fp32 master in the module dtype| after the step
+    gathered_errors: list[float] = field(default_factory=list)
     oracle_loss: float | None = None  # the batch's mean surprisal under the true chain
     supervised_tokens: int | None = None
     eval_loss: float | None = None

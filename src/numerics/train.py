@@ -7,11 +7,17 @@ gradients (``safe_get_full_grad``, gathered under ZeRO-3) divided by the loss
 scale the optimizer will divide by, the update norm from full parameters before
 and after the step, and the replica checksum from the parameters every rank
 holds after the step.
+
+Full parameters are read only through DeepSpeed's public accessors
+(``versions.compat``), never with ``GatheredParameters`` in the middle of a step:
+on some releases that context raises between backward and step (0.18.0) or
+returns another rank's stale buffer after the step (0.18.0-0.19.5, see
+``repro/zero3_gathered_parameters.py``). What ``GatheredParameters`` shows a user
+after the step is measured on purpose, once, and checked by its own invariant.
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Any, Callable, Iterator
 
 import torch
@@ -22,6 +28,7 @@ from numerics.data import micro_batch_indices
 from numerics.models import build_model, tensor_checksum
 from numerics.spec import OPTIMIZER_DEFAULTS, RunSpec
 from numerics.trace import StepRecord, Trace
+from numerics.versions import compat
 from numerics.workloads import get_workload, slice_batch
 
 
@@ -69,13 +76,25 @@ def full_grads(engine: Any) -> dict[str, torch.Tensor]:
 
 
 def full_params(engine: Any) -> list[torch.Tensor]:
-    """Full parameters as the forward pass sees them (gathered under ZeRO-3), fp32 on CPU."""
-    import deepspeed
+    """The parameters the optimizer updates, in full, fp32 on CPU: the module's own tensors at
+    ZeRO 0-2, where every rank holds them whole; at ZeRO-3 the optimizer's fp32 master,
+    assembled by DeepSpeed's accessor (collective: every rank calls it in the same order)."""
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    if engine.zero_optimization_stage() == 3:
+        return [compat.full_fp32_param(p).float().cpu() for p in trainable]
+    return [p.detach().float().cpu().clone() for p in trainable]
 
-    params = list(engine.module.parameters())
-    gather = deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3 else nullcontext()
-    with gather:
-        return [p.detach().float().cpu().clone() for p in params]
+
+def gathered_view_error(engine: Any, masters: list[torch.Tensor]) -> float | None:
+    """ZeRO-3: the largest difference, on this rank, between what ``GatheredParameters`` shows
+    (what a forward pass, a user's logging or a 16-bit save sees) and the fp32 master cast to
+    the module's dtype, which it must equal bit for bit; None below ZeRO-3. Collective."""
+    if engine.zero_optimization_stage() != 3:
+        return None
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    views = compat.gathered_params(trainable)
+    return max(float((view.float() - master.to(param.dtype).float()).abs().max())
+               for view, master, param in zip(views, masters, trainable))
 
 
 def global_mean(value: torch.Tensor, device: torch.device) -> float:
@@ -114,6 +133,7 @@ def measure_step(engine: Any, spec: RunSpec, step: int, batch: dict[str, torch.T
     skipped_before = engine.skipped_steps
     do_step()
     after = full_params(engine)
+    gathered_error = gathered_view_error(engine, after)
     record = StepRecord(
         step=step,
         loss=global_mean(torch.stack(micro_losses).mean(), engine.device),
@@ -125,6 +145,7 @@ def measure_step(engine: Any, spec: RunSpec, step: int, batch: dict[str, torch.T
         update_norm=norm([a - b for a, b in zip(after, before)]),
         param_norm=norm(after),
         param_checksums=[tensor_checksum(after)],
+        gathered_errors=[] if gathered_error is None else [gathered_error],
         oracle_loss=workload.oracle_loss(batch),
         supervised_tokens=workload.supervised_tokens(batch),
     )

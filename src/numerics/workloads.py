@@ -11,7 +11,7 @@ entropy-floor invariant reports n/a for it.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,14 @@ class Workload:
 
     def step_batch(self, spec: Any, step: int) -> Batch:
         raise NotImplementedError
+
+    def batch_of(self, spec: Any, sample_ids: Sequence[int]) -> Batch:
+        """The stream's samples ``sample_ids`` as one batch, sample ``i`` of step ``s`` being id
+        ``s * global_batch + i``: what a Trainer's own sampler put in one step, for the reference."""
+        size = spec.global_batch
+        steps = {step: self.step_batch(spec, step) for step in sorted({i // size for i in sample_ids})}
+        keys = next(iter(steps.values()))
+        return {key: torch.stack([steps[i // size][key][i % size] for i in sample_ids]) for key in keys}
 
     def loss(self, output: Any, micro: Batch, spec: Any) -> torch.Tensor:
         return output.loss
@@ -167,8 +175,14 @@ class PaddedStream(MarkovStream):
     def step_batch(self, spec: Any, step: int) -> Batch:
         mask = self.response_mask(spec, step)
         ids = torch.where(mask, super().step_batch(spec, step)["input_ids"], PAD)
-        batch = {"input_ids": ids, "labels": mask_labels(ids, mask), "attention_mask": mask.long()}
-        self._step_rows = {row.numpy().tobytes() for row in ids}
+        return self._built({"input_ids": ids, "labels": mask_labels(ids, mask), "attention_mask": mask.long()})
+
+    def batch_of(self, spec: Any, sample_ids: Sequence[int]) -> Batch:
+        return self._built(super().batch_of(spec, sample_ids))
+
+    def _built(self, batch: Batch) -> Batch:
+        """``batch`` as the step whose micro-batch losses `loss` normalises next."""
+        self._step_rows = {row.numpy().tobytes() for row in batch["input_ids"]}
         self._step_targets = self.supervised_tokens(batch)
         return batch
 

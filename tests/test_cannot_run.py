@@ -1,0 +1,63 @@
+"""A release that lacks an API a cell needs gives "cannot run" with the reason: never a
+false fail (the numbers were not wrong) and never a false pass (nothing was checked)."""
+import io
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+from rich.console import Console
+
+from numerics import deviations
+from numerics.invariants import Verdict
+from numerics.launcher import CellOutcome
+from numerics.plugin import expect_pass
+from numerics.report import print_report, write_report
+from numerics.runner import evaluate
+from numerics.spec import RunSpec
+
+SPEC = RunSpec(zero_stage=3, driver="trainer")
+REASON = "transformers 4.30.0: TrainingArguments takes no 'eval_strategy' nor 'evaluation_strategy'"
+
+
+@pytest.fixture
+def result():
+    return evaluate(CellOutcome(SPEC, cannot_run=REASON, wall_s=0.2))
+
+
+def test_status_and_reason(result):
+    assert result.status == "cannot run"
+    assert result.first_failure.invariant == "completes" and REASON in result.first_failure.message
+
+
+def test_reports_say_cannot_run_not_fail(result, tmp_path):
+    write_report([result], tmp_path)
+    cell = json.loads((tmp_path / "results.json").read_text())["cells"][0]
+    assert cell["status"] == "cannot run"
+    suite = ET.parse(tmp_path / "junit.xml").getroot()
+    assert suite.get("failures") == "0" and suite.get("skipped") == "1"
+    assert REASON in suite.find("testcase/skipped").get("message")
+    console = Console(file=io.StringIO(), width=200)
+    print_report([result], console)
+    assert "0 passed, 0 failed, 0 xfailed (known deviations), 1 cannot run" in console.file.getvalue()
+
+
+def test_pytest_skips_with_the_reason(result):
+    with pytest.raises(pytest.skip.Exception, match="eval_strategy"):
+        expect_pass(result)
+
+
+@pytest.mark.parametrize("deepspeed, observed, expected", [
+    ("0.19.5", "fail", "xfail"),   # the race showed
+    ("0.19.5", "pass", "pass"),    # the race did not show this time: no unexpected pass
+    ("0.19.8", "fail", "fail"),    # fixed release: a failure is a failure
+])
+def test_the_zero3_gather_race_is_known_only_where_measured(deepspeed, observed, expected):
+    verdicts = [Verdict("gathered_params_match", observed)]
+    deviations.apply(verdicts, RunSpec(zero_stage=3).to_dict(), {"deepspeed": deepspeed})
+    assert verdicts[0].status == expected
+
+
+def test_a_deterministic_deviation_that_stops_reproducing_is_an_unexpected_pass():
+    verdicts = [Verdict("step0_grads", "pass")]
+    deviations.apply(verdicts, RunSpec(zero_stage=0, dtype="fp16").to_dict(), {"deepspeed": "0.19.8"})
+    assert verdicts[0].status == "xpass" and verdicts[0].failed
