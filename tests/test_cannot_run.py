@@ -21,7 +21,7 @@ REASON = "transformers 4.30.0: TrainingArguments takes no 'eval_strategy' nor 'e
 
 @pytest.fixture
 def result():
-    return evaluate(CellOutcome(SPEC, cannot_run=REASON, wall_s=0.2))
+    return evaluate(CellOutcome(SPEC, cannot=("cannot run", REASON), wall_s=0.2))
 
 
 def test_status_and_reason(result):

@@ -18,7 +18,7 @@ import numpy as np
 from numerics.thresholds import THRESHOLDS, Tolerance, tolerance
 from numerics.trace import Trace
 
-Status = Literal["pass", "fail", "n/a", "xfail", "xpass", "cannot run"]
+Status = Literal["pass", "fail", "n/a", "xfail", "xpass", "cannot run", "cannot build"]
 
 
 @dataclass

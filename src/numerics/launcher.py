@@ -36,7 +36,9 @@ class CellOutcome:
     spec: RunSpec
     trace: Trace | None = None
     error: str | None = None  # tracebacks of the ranks that raised, or the timeout with stacks
-    cannot_run: str | None = None  # the installed release lacks an API the cell needs (compat.Unsupported)
+    # ("cannot run" | "cannot build", why): the release lacks an API the cell needs (compat.Unsupported),
+    # or its environment could not be built; nothing trained, so there is nothing to judge
+    cannot: tuple[str, str] | None = None
     timed_out: bool = False
     wall_s: float = 0.0
     rank_errors: dict[int, str] = field(default_factory=dict)
@@ -171,7 +173,7 @@ class RankPool:
         outcome = CellOutcome(spec=spec, wall_s=time.monotonic() - started)
         unsupported = {text for status, text in replies.values() if status == "unsupported"}
         if unsupported and len(replies) == self.world_size and all(s == "unsupported" for s, _ in replies.values()):
-            outcome.cannot_run = "; ".join(sorted(unsupported))  # every rank stopped at the same missing API
+            outcome.cannot = ("cannot run", "; ".join(sorted(unsupported)))  # every rank stopped at the same missing API
             return outcome
         outcome.rank_errors = {rank: text for rank, (status, text) in replies.items() if status != "ok"}
         missing = sorted(set(range(self.world_size)) - set(replies))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from numerics.runner import CellResult, PoolSet
+from numerics.runner import CANNOT, CellResult, PoolSet
 from numerics.spec import RunSpec
 
 RESULTS_KEY = pytest.StashKey[list]()
@@ -59,8 +59,8 @@ def run_cell(numerics_pools: PoolSet, request: pytest.FixtureRequest):
 def expect_pass(result: CellResult) -> None:
     """Fail with the cell's whole story, xfail with the known deviation's reason, or skip a cell
     the installed release cannot run, saying which API it lacks."""
-    if result.status == "cannot run":
-        pytest.skip(result.verdicts[0].message)
+    if result.status in CANNOT:
+        pytest.skip(f"{result.status}: {result.verdicts[0].message}")
     if result.status == "fail":
         pytest.fail(result.story(), pytrace=False)
     if result.status == "xfail":

@@ -13,9 +13,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from numerics.platform import package_versions
-from numerics.runner import CellResult
+from numerics.runner import CANNOT, CellResult
 
-STATUS_STYLE = {"pass": "green", "xfail": "yellow", "fail": "bold red", "cannot run": "magenta"}
+STATUS_STYLE = {"pass": "green", "xfail": "yellow", "fail": "bold red", "cannot run": "magenta", "cannot build": "magenta"}
 
 
 def headline(message: str) -> str:
@@ -52,8 +52,9 @@ def results_table(results: Iterable[CellResult]) -> Table:
 def summary_line(results: list[CellResult]) -> str:
     counts = {status: sum(r.status == status for r in results) for status in STATUS_STYLE}
     line = f"{counts['pass']} passed, {counts['fail']} failed, {counts['xfail']} xfailed (known deviations)"
-    if counts["cannot run"]:
-        line += f", {counts['cannot run']} cannot run (the release lacks an API the cell needs)"
+    for status in CANNOT:
+        if counts[status]:
+            line += f", {counts[status]} {status}"
     if any(r.outcome.trace and r.outcome.trace.meta.get("fp16_check_lifted") for r in results):
         line += "; fp16 cells ran with DeepSpeed's CPU fp16 check lifted (no native fp16 on this processor)"
     return line
@@ -94,7 +95,7 @@ def write_json(results: list[CellResult], path: Path) -> None:
 def write_junit(results: list[CellResult], path: Path) -> None:
     suite = ET.Element("testsuite", name="numerics", tests=str(len(results)),
                        failures=str(sum(r.status == "fail" for r in results)),
-                       skipped=str(sum(r.status in ("xfail", "cannot run") for r in results)))
+                       skipped=str(sum(r.status in ("xfail", *CANNOT) for r in results)))
     for result in results:
         case = ET.SubElement(suite, "testcase", classname="numerics.matrix", name=result.spec.cell_id,
                              time=f"{result.outcome.wall_s:.2f}")
@@ -103,8 +104,8 @@ def write_junit(results: list[CellResult], path: Path) -> None:
             ET.SubElement(case, "failure", message=f"{first.invariant}: {headline(first.message)}").text = result.story()
         elif result.status == "xfail":
             ET.SubElement(case, "skipped", message=f"known deviation: {first.reason}").text = result.story()
-        elif result.status == "cannot run":
-            ET.SubElement(case, "skipped", message=f"cannot run: {headline(first.message)}").text = result.story()
+        elif result.status in CANNOT:
+            ET.SubElement(case, "skipped", message=f"{result.status}: {headline(first.message)}").text = result.story()
     ET.ElementTree(suite).write(path, encoding="unicode", xml_declaration=True)
 
 

@@ -16,6 +16,9 @@ from numerics.reference import reference_trace
 from numerics.spec import RunSpec
 
 
+CANNOT = ("cannot build", "cannot run")  # a cell that never trained: neither a pass nor a numerics failure
+
+
 @dataclass
 class CellResult:
     outcome: CellOutcome
@@ -27,17 +30,18 @@ class CellResult:
 
     @property
     def status(self) -> str:
-        """``cannot run`` if the release lacks what the cell needs, ``fail`` if anything failed
+        """``cannot build``/``cannot run`` if the cell never trained, ``fail`` if anything failed
         unexpectedly, else ``xfail`` if a known deviation showed, else ``pass``."""
-        if any(v.status == "cannot run" for v in self.verdicts):
-            return "cannot run"
+        for status in CANNOT:
+            if any(v.status == status for v in self.verdicts):
+                return status
         if any(v.failed for v in self.verdicts):
             return "fail"
         return "xfail" if any(v.status == "xfail" for v in self.verdicts) else "pass"
 
     @property
     def first_failure(self) -> Verdict | None:
-        return next((v for v in self.verdicts if v.failed or v.status == "cannot run"), None) \
+        return next((v for v in self.verdicts if v.failed or v.status in CANNOT), None) \
             or next((v for v in self.verdicts if v.status == "xfail"), None)
 
     def story(self) -> str:
@@ -52,8 +56,9 @@ class CellResult:
 
 def evaluate(outcome: CellOutcome) -> CellResult:
     """Check every invariant the cell declares, then apply the known-deviations table."""
-    if outcome.cannot_run is not None:
-        return CellResult(outcome, [Verdict("completes", "cannot run", f"[{outcome.spec.cell_id}] {outcome.cannot_run}")])
+    if outcome.cannot is not None:
+        status, why = outcome.cannot
+        return CellResult(outcome, [Verdict("completes", status, f"[{outcome.spec.cell_id}] {why}")])
     if not outcome.ok:
         kind = "timed out" if outcome.timed_out else "raised"
         return CellResult(outcome, [Verdict("completes", "fail", f"[{outcome.spec.cell_id}] {kind}:\n{outcome.error}")])

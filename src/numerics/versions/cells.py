@@ -14,14 +14,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from numerics.versions.environments import REPO_ROOT, Environment, build
 from numerics.versions.resolve import CannotBuild, Pin
@@ -62,25 +58,15 @@ def rank_versions(results: Path) -> list[str]:
 
 def write_cannot_build(specs: list[Any], pins: tuple[Pin, ...], reason: str, directory: Path,
                        console: Console) -> None:
-    """The table, ``results.json`` and ``junit.xml`` of a run whose environment could not be built."""
-    table = Table(title=f"Numerics matrix ({' '.join(map(str, pins))})")
-    for column in ("cell", "verdict", "reason"):
-        table.add_column(column)
-    for spec in specs:
-        table.add_row(escape(spec.cell_id), f"[magenta]{CANNOT_BUILD}[/]", escape(reason))
-    console.print(table)
-    directory.mkdir(parents=True, exist_ok=True)
-    cells = [{"cell": spec.cell_id, "status": CANNOT_BUILD, "spec": spec.to_dict(), "error": reason} for spec in specs]
-    summary = f"{len(specs)} cells cannot build: {reason}"
-    (directory / "results.json").write_text(json.dumps({
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pins": [str(p) for p in pins],
-        "summary": summary, "cells": cells}, indent=1))
-    suite = ET.Element("testsuite", name="numerics", tests=str(len(specs)), errors=str(len(specs)))
-    for spec in specs:
-        case = ET.SubElement(suite, "testcase", classname="numerics.matrix", name=spec.cell_id, time="0")
-        ET.SubElement(case, "error", message=f"{CANNOT_BUILD}: {reason}", type=CANNOT_BUILD)
-    ET.ElementTree(suite).write(directory / "junit.xml", encoding="unicode", xml_declaration=True)
-    console.print(summary, highlight=False)
+    """The table, ``results.json`` and ``junit.xml`` of a run whose environment could not be built:
+    every cell "cannot build", with the installer's reason."""
+    from numerics.launcher import CellOutcome
+    from numerics.report import print_report, write_report
+    from numerics.runner import evaluate
+
+    results = [evaluate(CellOutcome(spec, cannot=(CANNOT_BUILD, f"{' '.join(map(str, pins))}: {reason}"))) for spec in specs]
+    print_report(results, console)
+    write_report(results, directory)
 
 
 def run_cells_in(environment: Environment, specs: list[Any], timeout: float = 900.0, backend: str | None = None,
