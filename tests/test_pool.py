@@ -40,3 +40,34 @@ def test_hung_cell_fails_within_timeout_with_stacks(run_cell):
     assert hung.outcome.wall_s < 15.0 + 5.0
     assert "rank 0 stacks" in hung.outcome.error and "on_reduced" in hung.outcome.error, hung.outcome.error
     assert run_cell(PROBE).status == "pass"
+
+
+def test_ranks_exit_when_the_parent_is_killed(tmp_path):
+    """A parent killed with SIGKILL cannot tell its ranks to stop: they notice and exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time\nfrom numerics.launcher import RankPool\npool = RankPool(2)\npool.start()\n"
+              "print('ranks:', *[p.pid for p in pool._processes], flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    line = next(line for line in parent.stdout if line.startswith("ranks:"))  # DeepSpeed prints too
+    ranks = [int(pid) for pid in line.split()[1:]]
+    assert len(ranks) == 2, ranks
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited; only its entry is left
+            return stat.read().split()[2] != "Z"
+
+    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(alive(pid) for pid in ranks), f"ranks {ranks} outlived their killed parent"

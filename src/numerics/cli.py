@@ -126,6 +126,36 @@ def environments_table(built: list, failed: list[dict]) -> Table:
     return table
 
 
+def cmd_bisect(args: argparse.Namespace) -> int:
+    """``numerics bisect``: exit 0 when the change is found, 1 when it is not (the ends do
+    not differ, an end cannot be judged, only skipped releases are left), 2 for bad input,
+    3 when the package index cannot be reached."""
+    import json
+
+    from numerics.versions import bisect
+    from numerics.versions.cells import CANNOT_BUILD_EXIT
+    from numerics.versions.releases import IndexUnreachable
+    from numerics.versions.resolve import BadPins
+
+    console = make_console()
+    try:
+        request = bisect.make_request(args.package, args.good, args.bad, args.pin, args.cells, args.invariant, args.pre)
+        found, judge = bisect.bisect(request, console)
+    except BadPins as err:
+        console.print(f"error: {err}", highlight=False)
+        return 2
+    except IndexUnreachable as err:
+        console.print(f"error: {err}", highlight=False)
+        return CANNOT_BUILD_EXIT
+    data = bisect.summary(request, found, judge)
+    for line in bisect.summary_lines(data):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=1))
+        console.print(f"wrote {args.json}")
+    return data["exit"]
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from numerics.prepare import build_cpu_ops
 
@@ -162,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     env.add_argument("pins", nargs="*", metavar="PKG==V", help="build: the releases; prune: only their environment")
     env.add_argument("--unused-days", type=float, help="prune: only environments not used for this many days")
     env.set_defaults(func=cmd_env)
+    bisect = sub.add_parser("bisect", help="find the first release of a package that turned cells red (or green)")
+    bisect.add_argument("package", help="the package whose releases are searched, e.g. peft")
+    bisect.add_argument("--good", required=True, metavar="V", help="a release where the cells pass")
+    bisect.add_argument("--bad", required=True, metavar="V", help="a release where they fail (older: find the fix)")
+    bisect.add_argument("--pin", action="append", default=[], metavar="PKG==V", help="held in every candidate (repeatable)")
+    bisect.add_argument("--invariant", metavar="NAME", help="the failure to bisect (default: what fails at --bad)")
+    bisect.add_argument("--cells", metavar="GLOB", help="cell ids of the full matrix and the fault cells' clean twins")
+    bisect.add_argument("--pre", action="store_true", help="also try pre-releases between the ends")
+    bisect.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    bisect.set_defaults(func=cmd_bisect)
     sub.add_parser("prepare", help="build DeepSpeed's CPU ops once").set_defaults(func=cmd_prepare)
     selftest = sub.add_parser("selftest", help="inject every fault and show which invariants catch it")
     selftest.add_argument("--backend", choices=["gloo", "nccl"])

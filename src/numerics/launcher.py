@@ -29,6 +29,7 @@ from numerics.trace import Trace
 ERROR_GRACE_S = 10.0  # after one rank fails, how long the others get to report before they are stopped
 START_TIMEOUT_S = 300.0  # importing DeepSpeed and building its CPU comm op on a cold machine
 STACK_DUMP_WAIT_S = 1.0
+PARENT_POLL_S = 5.0  # how often an idle rank checks that its parent is still there
 
 
 @dataclass
@@ -85,7 +86,8 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, device_offse
 
     from numerics.versions.compat import Unsupported
 
-    while (task := tasks.get()) is not None:
+    parent = os.getppid()
+    while (task := next_task(tasks, parent)) is not None:
         number, spec = task
         try:
             results.put((number, rank, "ok", run_cell(spec, rank, meta)))
@@ -93,6 +95,17 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, device_offse
             results.put((number, rank, "unsupported", str(err)))
         except BaseException:
             results.put((number, rank, "error", traceback.format_exc()))
+
+
+def next_task(tasks: Any, parent: int) -> Any:
+    """The next cell for this rank, or None when told to stop or when the parent died: a parent
+    killed with SIGKILL cannot say stop, and its ranks would otherwise wait forever."""
+    while True:
+        try:
+            return tasks.get(timeout=PARENT_POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
 
 
 class RankPool:

@@ -1,0 +1,233 @@
+"""``numerics bisect``: the search on made-up release lists (monotone, skips, both
+directions, ends that do not differ), raw verdicts that no known deviation can excuse,
+the run side with fake environments and a fake runner (skips, the record cache), and bad
+input as exit 2. Only the unpublished-release test asks the package index, and skips with
+the reason when it cannot be reached."""
+from pathlib import Path
+
+import pytest
+
+from numerics.cli import main
+from numerics.faults import FAULTS
+from numerics.selftest import fault_cell
+from numerics.versions import bisect
+from numerics.versions.bisect import (ENDS_DO_NOT_DIFFER, END_NOT_JUDGED, FOUND, ONLY_SKIPPED_LEFT, RecordCache,
+                                      Request, judge_records, make_request, search)
+from numerics.versions.environments import Environment
+from numerics.versions.releases import IndexUnreachable, published_versions
+from numerics.versions.resolve import CannotBuild, Pin
+
+RELEASES = [f"0.{minor}.0" for minor in range(10)]
+TWIN = fault_cell(FAULTS["adapters_in_base_dtype"], clean=True)
+
+
+def fake_judge(first_bad: str, skip: tuple[str, ...] = (), order: list[str] = RELEASES):
+    """Bad from ``first_bad`` on in ``order``; ``skip`` cannot be judged. Records each call."""
+    calls = []
+
+    def judge(release: str) -> str:
+        calls.append(release)
+        if release in skip:
+            return "skip"
+        return "bad" if order.index(release) >= order.index(first_bad) else "good"
+
+    judge.calls = calls
+    return judge
+
+
+def test_monotone_finds_the_first_bad_in_log_steps():
+    judge = fake_judge("0.6.0")
+    found = search(RELEASES, judge)
+    assert (found.outcome, found.last_good, found.first_bad) == (FOUND, "0.5.0", "0.6.0")
+    assert judge.calls[:2] == ["0.0.0", "0.9.0"]  # both ends first
+    assert len(judge.calls) == len(set(judge.calls)) <= 2 + 4  # ends, then ceil(log2(8)) + 1 at most
+
+
+def test_a_skipped_middle_is_stepped_around():
+    found = search(RELEASES, fake_judge("0.6.0", skip=("0.4.0", "0.5.0")))
+    assert found.outcome == ONLY_SKIPPED_LEFT  # 0.4.0 and 0.5.0 both stand between 0.3.0 and 0.6.0
+    assert (found.last_good, found.first_bad, found.undecided) == ("0.3.0", "0.6.0", ("0.4.0", "0.5.0"))
+    assert set(found.skipped) == {"0.4.0", "0.5.0"}
+
+
+def test_a_skip_away_from_the_boundary_still_finds_it_exactly():
+    found = search(RELEASES, fake_judge("0.6.0", skip=("0.4.0", "0.7.0")))
+    assert (found.outcome, found.last_good, found.first_bad, found.undecided) == (FOUND, "0.5.0", "0.6.0", ())
+    assert "0.4.0" in found.skipped
+
+
+def test_reversed_range_finds_the_first_fixed_release():
+    newest_first = RELEASES[::-1]  # good end (0.9.0, fixed) first, bad end (0.0.0) last
+    found = search(newest_first, fake_judge("0.3.0", order=newest_first))  # 0.3.0 and older are bad
+    assert (found.outcome, found.last_good, found.first_bad) == (FOUND, "0.4.0", "0.3.0")  # 0.4.0 fixed it
+
+
+def test_a_good_end_that_fails_is_reported_not_searched():
+    judge = fake_judge("0.0.0")
+    found = search(RELEASES, judge)
+    assert (found.outcome, found.first_bad, judge.calls) == (ENDS_DO_NOT_DIFFER, None, ["0.0.0", "0.9.0"])
+
+
+def test_a_bad_end_that_passes_is_reported_not_searched():
+    found = search(RELEASES, lambda release: "good")
+    assert (found.outcome, found.tried) == (ENDS_DO_NOT_DIFFER, (("0.0.0", "good"), ("0.9.0", "good")))
+
+
+def test_an_end_that_cannot_be_judged_stops_the_search():
+    found = search(RELEASES, fake_judge("0.5.0", skip=("0.9.0",)))
+    assert (found.outcome, found.first_bad) == (END_NOT_JUDGED, None)
+
+
+def test_adjacent_releases_need_only_the_ends():
+    judge = fake_judge("0.7.1", order=["0.7.0", "0.7.1"])
+    found = search(["0.7.0", "0.7.1"], judge)
+    assert (found.outcome, found.last_good, found.first_bad, judge.calls) == (FOUND, "0.7.0", "0.7.1", ["0.7.0", "0.7.1"])
+
+
+def test_an_all_skipped_middle_leaves_every_middle_release_undecided():
+    found = search(RELEASES, fake_judge("0.5.0", skip=tuple(RELEASES[1:-1])))
+    assert (found.outcome, found.last_good, found.first_bad) == (ONLY_SKIPPED_LEFT, "0.0.0", "0.9.0")
+    assert found.undecided == tuple(RELEASES[1:-1]) and set(found.skipped) == set(found.undecided)
+
+
+# -- judging records ----------------------------------------------------------------------------
+def record(cell: str, *verdicts: tuple[str, str], status: str = "fail", losses=None) -> dict:
+    return {"cell": cell, "status": status, "verdicts": [[name, state, ""] for name, state in verdicts],
+            "losses": losses or [2.0, 1.9, 1.8]}
+
+
+TARGET = frozenset({("c", "parity_loss")})
+
+
+@pytest.mark.parametrize("verdicts, status, expected", [
+    ([("completes", "pass"), ("parity_loss", "fail")], "fail", "bad"),
+    ([("completes", "pass"), ("parity_loss", "xfail")], "xfail", "bad"),  # a known deviation does not excuse it
+    ([("completes", "pass"), ("parity_loss", "xpass")], "fail", "good"),  # nor turn a pass into a failure
+    ([("completes", "pass"), ("parity_loss", "pass")], "pass", "good"),
+    ([("completes", "fail")], "fail", "skip"),  # raised: another reason than the bisected one
+    ([("completes", "pass"), ("parity_loss", "pass"), ("finite", "fail")], "fail", "skip"),
+    ([("completes", "cannot run")], "cannot run", "skip"),
+])
+def test_a_release_is_judged_on_raw_verdicts_of_the_bisected_invariant(verdicts, status, expected):
+    assert judge_records([record("c", *verdicts, status=status)], TARGET)[0] == expected
+
+
+# -- the run side, with fake environments ---------------------------------------------------------
+def request_for(good: str, bad: str) -> Request:
+    return Request("peft", Pin("peft", good), Pin("peft", bad), (Pin("transformers", "4.36.2"),), (TWIN,), None, False)
+
+
+class FakeReleases:
+    """peft 0.6.0 ... 0.8.0 and 0.7.0rc1. ``cannot_build`` cannot build; the releases ``red`` says turn
+    the twin red (adapter_dtype_policy fails, finite fails as a known deviation's xfail would
+    show it, NaN from step 1). ``ran`` lists the releases whose cells really ran."""
+
+    versions = ("0.6.0", "0.6.1", "0.6.2", "0.7.0rc1", "0.7.0", "0.7.1", "0.8.0")
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+        self.cannot_build = "0.6.1"
+        self.red = lambda version: version >= bisect.Version("0.7.0")
+
+
+@pytest.fixture
+def fake_releases(monkeypatch, tmp_path):
+    fake = FakeReleases()
+    monkeypatch.setattr(bisect.releases, "published_versions", lambda package: tuple(map(bisect.Version, fake.versions)))
+
+    def build(pins, console):
+        release = dict((p.name, p.version) for p in pins)["peft"]
+        if release == fake.cannot_build:
+            raise CannotBuild("uv: no wheel")
+        return Environment(tmp_path / "envs" / release, {"kind": "overlay"})
+
+    def run_cells_in(environment, specs, timeout):
+        release = environment.path.name
+        fake.ran.append(release)
+        red = fake.red(bisect.Version(release))
+        losses = [2.3, float("nan"), float("nan")] if red else [2.3, 2.2, 2.1]
+        return [record(spec.cell_id, ("completes", "pass"), ("adapter_dtype_policy", "fail" if red else "pass"),
+                       ("finite", "xfail" if red else "pass"), status="fail" if red else "pass", losses=losses)
+                for spec in specs]
+
+    monkeypatch.setattr(bisect, "build", build)
+    monkeypatch.setattr(bisect, "run_cells_in", run_cells_in)
+    return fake
+
+
+def test_bisect_names_the_first_bad_release_skips_what_cannot_build_and_reuses_its_cache(fake_releases, tmp_path):
+    fake_releases.cannot_build, fake_releases.red = "0.6.2", lambda version: version >= bisect.Version("0.7.1")
+    console = bisect.Console(quiet=True)
+    cache = RecordCache(tmp_path / "cache")
+    request = request_for("0.6.0", "0.8.0")
+    found, judge = bisect.bisect(request, console, cache)
+    assert found.releases == ("0.6.0", "0.6.1", "0.6.2", "0.7.0", "0.7.1", "0.8.0")  # no rc without --pre
+    assert (found.outcome, found.last_good, found.first_bad) == (FOUND, "0.7.0", "0.7.1")
+    assert found.skipped == ("0.6.2",) and "cannot build" in judge.trials["0.6.2"].reason
+    data = bisect.summary(request, found, judge)
+    assert data["boundary"] == {"first bad": "0.7.1", "last good": "0.7.0"}
+    assert data["invariants"] == ["adapter_dtype_policy", "finite"] and data["cell"] == TWIN.cell_id
+    assert data["losses"]["first_diverging_step"] == 1
+    assert data["reproduce"][0] == f"numerics run --pin peft==0.7.1 --pin transformers==4.36.2 --full --cells {TWIN.cell_id}"
+    lines = bisect.summary_lines(data)
+    assert lines[:2] == ["first bad: peft==0.7.1", "last good: peft==0.7.0"] and "skipped: 0.6.2" in lines
+    ran_once = list(fake_releases.ran)
+    found_again, judge_again = bisect.bisect(request, console, cache)
+    assert (found_again.first_bad, fake_releases.ran) == ("0.7.1", ran_once)  # every record came from the cache
+    assert all(trial.cached for trial in judge_again.trials.values() if trial.records)
+
+
+def test_bisect_towards_a_fix_names_the_first_fixed_release(fake_releases, tmp_path):
+    fake_releases.red = lambda version: version < bisect.Version("0.7.1")
+    request = request_for("0.8.0", "0.6.0")
+    found, judge = bisect.bisect(request, bisect.Console(quiet=True), RecordCache(tmp_path / "cache"))
+    assert found.outcome == FOUND
+    lines = bisect.summary_lines(bisect.summary(request, found, judge))
+    assert lines[:2] == ["first fixed: peft==0.7.1", "last bad: peft==0.7.0"]
+
+
+def test_a_bad_end_that_passes_exits_1_through_the_summary(fake_releases, tmp_path):
+    request = request_for("0.6.0", "0.6.2")  # both green in the fake
+    found, judge = bisect.bisect(request, bisect.Console(quiet=True), RecordCache(tmp_path / "cache"))
+    data = bisect.summary(request, found, judge)
+    assert (data["outcome"], data["exit"]) == (ENDS_DO_NOT_DIFFER, 1)
+    assert bisect.summary_lines(data) == ["the ends do not differ: 0.6.0 good (passes); 0.6.2 good (passes)"]
+
+
+def test_pre_releases_are_candidates_only_when_asked(fake_releases):
+    request = bisect.Request("peft", Pin("peft", "0.6.2"), Pin("peft", "0.7.0"), (), (TWIN,), None, True)
+    assert bisect.releases_between(request) == ["0.6.2", "0.7.0rc1", "0.7.0"]
+    fixing = bisect.Request("peft", Pin("peft", "0.7.0"), Pin("peft", "0.6.2"), (), (TWIN,), None, False)
+    assert bisect.releases_between(fixing) == ["0.7.0", "0.6.2"]
+
+
+def test_the_fault_cells_clean_twins_can_be_selected():
+    assert [s.cell_id for s in bisect.selectable_cells("zero0-fp32-ws2-lora_base_fp16-client_adamw")] == [TWIN.cell_id]
+
+
+# -- bad input --------------------------------------------------------------------------------------
+def _index_reachable() -> bool:
+    try:
+        published_versions("peft")
+        return True
+    except IndexUnreachable:
+        return False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["numpy", "--good", "1.0", "--bad", "2.0"], "unsupported package in 'numpy==1.0'"),
+    (["peft", "--good", "0.6.2", "--bad", "0.6.2"], "--good and --bad are the same release (peft==0.6.2)"),
+    (["peft", "--good", "0.6.2", "--bad", "not-a-version"], "malformed pin 'peft==not-a-version'"),
+    (["peft", "--good", "0.6.2", "--bad", "0.7.0", "--pin", "peft==0.7.0"], "--pin may not name peft"),
+    (["peft", "--good", "0.6.2", "--bad", "0.7.0", "--cells", "no-such-cell*"], "no cell matches --cells 'no-such-cell*'"),
+    (["peft", "--good", "0.6.2", "--bad", "0.7.0", "--invariant", "bogus"], "--invariant 'bogus' is not held"),
+])
+def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
+    assert main(["bisect", *argv]) == 2
+    assert message in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.skipif(not _index_reachable(), reason="the package index cannot be reached (pip index versions peft)")
+def test_an_unpublished_release_exits_2_naming_the_nearest(capsys):
+    assert main(["bisect", "peft", "--good", "0.6.3", "--bad", "0.7.1"]) == 2
+    assert "peft==0.6.3 is not a published release; nearest: 0.6.0, 0.6.1, 0.6.2, 0.7.0" in capsys.readouterr().out
