@@ -3,8 +3,6 @@ directions, ends that do not differ), raw verdicts that no known deviation can e
 the run side with fake environments and a fake runner (skips, the record cache), and bad
 input as exit 2. Only the unpublished-release test asks the package index, and skips with
 the reason when it cannot be reached."""
-from pathlib import Path
-
 import pytest
 
 from numerics.cli import main
@@ -12,7 +10,7 @@ from numerics.faults import FAULTS
 from numerics.selftest import fault_cell
 from numerics.versions import bisect
 from numerics.versions.bisect import (ENDS_DO_NOT_DIFFER, END_NOT_JUDGED, FOUND, ONLY_SKIPPED_LEFT, RecordCache,
-                                      Request, judge_records, make_request, search)
+                                      Request, judge_records, search)
 from numerics.versions.environments import Environment
 from numerics.versions.releases import IndexUnreachable, published_versions
 from numerics.versions.resolve import CannotBuild, Pin
@@ -73,9 +71,13 @@ def test_a_bad_end_that_passes_is_reported_not_searched():
     assert (found.outcome, found.tried) == (ENDS_DO_NOT_DIFFER, (("0.0.0", "good"), ("0.9.0", "good")))
 
 
-def test_an_end_that_cannot_be_judged_stops_the_search():
-    found = search(RELEASES, fake_judge("0.5.0", skip=("0.9.0",)))
-    assert (found.outcome, found.first_bad) == (END_NOT_JUDGED, None)
+@pytest.mark.parametrize("good_end, bad_end, outcome", [
+    ("good", "skip", END_NOT_JUDGED), ("skip", "bad", END_NOT_JUDGED), ("skip", "skip", END_NOT_JUDGED),
+    ("skip", "good", ENDS_DO_NOT_DIFFER), ("bad", "skip", ENDS_DO_NOT_DIFFER),  # one end alone says there is no change
+])
+def test_an_end_that_cannot_be_judged_stops_the_search(good_end, bad_end, outcome):
+    found = search(["0.1.0", "0.2.0", "0.3.0"], {"0.1.0": good_end, "0.3.0": bad_end}.get)
+    assert (found.outcome, found.first_bad, [r for r, _ in found.tried]) == (outcome, None, ["0.1.0", "0.3.0"])
 
 
 def test_adjacent_releases_need_only_the_ends():
@@ -107,6 +109,7 @@ TARGET = frozenset({("c", "parity_loss")})
     ([("completes", "fail")], "fail", "skip"),  # raised: another reason than the bisected one
     ([("completes", "pass"), ("parity_loss", "pass"), ("finite", "fail")], "fail", "skip"),
     ([("completes", "cannot run")], "cannot run", "skip"),
+    ([("completes", "cannot build")], "cannot build", "skip"),
 ])
 def test_a_release_is_judged_on_raw_verdicts_of_the_bisected_invariant(verdicts, status, expected):
     assert judge_records([record("c", *verdicts, status=status)], TARGET)[0] == expected
@@ -136,7 +139,7 @@ def fake_releases(monkeypatch, tmp_path):
     monkeypatch.setattr(bisect.releases, "published_versions", lambda package: tuple(map(bisect.Version, fake.versions)))
 
     def build(pins, console):
-        release = dict((p.name, p.version) for p in pins)["peft"]
+        release = {p.name: p.version for p in pins}["peft"]
         if release == fake.cannot_build:
             raise CannotBuild("uv: no wheel")
         return Environment(tmp_path / "envs" / release, {"kind": "overlay"})

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from numerics import matrix
-from numerics.report import print_report, write_report
+from numerics.report import finite_json, print_report, write_report
 from numerics.runner import CellResult, PoolSet
 from numerics.spec import RunSpec
 
@@ -151,7 +151,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     for line in bisect.summary_lines(data):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(data, indent=1))
+        Path(args.json).write_text(json.dumps(finite_json(data), indent=1, allow_nan=False))  # as results.json
         console.print(f"wrote {args.json}")
     return data["exit"]
 

@@ -21,6 +21,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from rich.console import Console
 
 from numerics import matrix
 from numerics.faults import FAULTS
+from numerics.runner import CANNOT
 from numerics.selftest import fault_cell
 from numerics.spec import RunSpec
 from numerics.versions import releases
@@ -77,19 +79,19 @@ def search(releases_in_order: Sequence[str], judge: Judge) -> Search:
     the middle first; when only skipped ones separate a good and a bad release, the
     outcome says so and ``undecided`` names them, as ``git bisect`` does.
     """
+    ordered = tuple(releases_in_order)
     tried: list[tuple[str, Judgement]] = []
 
     def ask(index: int) -> Judgement:
-        judgement = judge(releases_in_order[index])
-        tried.append((releases_in_order[index], judgement))
+        judgement = judge(ordered[index])
+        tried.append((ordered[index], judgement))
         return judgement
 
-    ordered = tuple(releases_in_order)
-    ends = ask(0), ask(len(ordered) - 1)
-    if "skip" in ends:
-        return Search(ordered, END_NOT_JUDGED, tuple(tried))
-    if ends != ("good", "bad"):
+    good_end, bad_end = ask(0), ask(len(ordered) - 1)
+    if good_end == "bad" or bad_end == "good":  # whatever the other end: there is no change to find
         return Search(ordered, ENDS_DO_NOT_DIFFER, tuple(tried))
+    if "skip" in (good_end, bad_end):
+        return Search(ordered, END_NOT_JUDGED, tuple(tried))
     good, bad, skipped = 0, len(ordered) - 1, set()
     while untested := [i for i in range(good + 1, bad) if i not in skipped]:
         middle = min(untested, key=lambda i: (abs(2 * i - good - bad), i))
@@ -181,9 +183,9 @@ def raw_failures(record: dict[str, Any]) -> set[str]:
 
 def judge_records(records: list[dict[str, Any]], target: Target) -> tuple[Judgement, str]:
     """A release's judgement from its cells' records, and why, in a few words."""
-    unrunnable = [record["cell"] for record in records if record["status"] == "cannot run"]
-    if unrunnable:
-        return "skip", f"cannot run {', '.join(unrunnable)}"
+    never_trained = [f"{record['cell']} {record['status']}" for record in records if record["status"] in CANNOT]
+    if never_trained:
+        return "skip", ", ".join(never_trained)
     failed = {(record["cell"], invariant) for record in records for invariant in raw_failures(record)}
     if failed & target:
         return "bad", f"{_names(failed & target)} fail"
@@ -219,7 +221,7 @@ class RecordCache:
     def put(self, environment: Environment, spec: RunSpec, record: dict[str, Any]) -> None:
         path = self.path(environment, spec)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")  # two bisects may finish the same cell
         temporary.write_text(json.dumps(record))
         temporary.replace(path)
 
@@ -272,7 +274,7 @@ class ReleaseJudge:
             except CannotBuild as err:
                 trial.judgement, trial.reason = "skip", f"cannot build: {err.reason}"
             except RuntimeError as err:  # run_cells_in: the run died without records
-                trial.judgement, trial.reason = "skip", f"cannot run: {str(err).splitlines()[0]}"
+                trial.judgement, trial.reason = "skip", f"cannot run: {str(err).splitlines()[0].rstrip(':')}"
         trial.seconds = time.monotonic() - started
         if trial.judgement == "skip":
             self.console.print(f"{self.request.package}=={release}: [bold]skip[/] ({trial.reason})", highlight=False)
