@@ -5,9 +5,10 @@ input as exit 2. Only the unpublished-release test asks the package index, and s
 the reason when it cannot be reached."""
 import pytest
 
+from numerics import matrix
 from numerics.cli import main
 from numerics.faults import FAULTS
-from numerics.selftest import fault_cell
+from numerics.matrix import fault_cell
 from numerics.versions import bisect
 from numerics.versions.bisect import (ENDS_DO_NOT_DIFFER, END_NOT_JUDGED, FOUND, ONLY_SKIPPED_LEFT, RecordCache,
                                       Request, judge_records, search)
@@ -204,8 +205,10 @@ def test_pre_releases_are_candidates_only_when_asked(fake_releases):
     assert bisect.releases_between(fixing) == ["0.7.0", "0.6.2"]
 
 
-def test_the_fault_cells_clean_twins_can_be_selected():
-    assert [s.cell_id for s in bisect.selectable_cells("zero0-fp32-ws2-lora_base_fp16-client_adamw")] == [TWIN.cell_id]
+def test_the_fault_cells_clean_twins_can_be_selected_and_run_again():
+    """What bisect reports, ``numerics run --full --cells`` selects."""
+    assert [s.cell_id for s in matrix.named_cells(True, TWIN.cell_id)] == [TWIN.cell_id]
+    assert TWIN.cell_id not in {s.cell_id for s in matrix.named_cells(True, None)}
 
 
 # -- bad input --------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ invariant it targets (not merely by ``finite``), and the same cell without it pa
 import pytest
 
 from numerics.faults import FAULTS
-from numerics.selftest import fault_cell
+from numerics.matrix import fault_cell
 
 pytestmark = pytest.mark.multigpu
 

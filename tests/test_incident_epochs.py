@@ -4,8 +4,8 @@ and an eval that stops after the first epoch each fail the invariant that target
 import pytest
 
 from numerics.faults import FAULTS
+from numerics.matrix import fault_cell
 from numerics.plugin import expect_pass
-from numerics.selftest import fault_cell
 
 pytestmark = pytest.mark.multigpu
 

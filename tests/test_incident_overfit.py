@@ -6,8 +6,8 @@ import statistics
 import pytest
 
 from numerics.faults import FAULTS
+from numerics.matrix import fault_cell
 from numerics.plugin import expect_pass
-from numerics.selftest import fault_cell
 from numerics.workloads import OverfitPair
 
 pytestmark = pytest.mark.multigpu

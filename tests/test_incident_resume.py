@@ -4,8 +4,8 @@ state (Adam moments reset) must be caught by ``resume_matches``, not merely by `
 import pytest
 
 from numerics.faults import FAULTS
+from numerics.matrix import fault_cell
 from numerics.plugin import expect_pass
-from numerics.selftest import fault_cell
 
 pytestmark = pytest.mark.multigpu
 

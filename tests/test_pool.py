@@ -42,20 +42,25 @@ def test_hung_cell_fails_within_timeout_with_stacks(run_cell):
     assert run_cell(PROBE).status == "pass"
 
 
-def test_ranks_exit_when_the_parent_is_killed(tmp_path):
-    """A parent killed with SIGKILL cannot tell its ranks to stop: they notice and exit."""
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "hung_in_a_cell"])
+def test_ranks_exit_when_the_parent_is_killed(busy):
+    """A parent killed with SIGKILL cannot tell its ranks to stop: they notice and exit, idle
+    or hung mid-cell (``rank_hangs`` stops one rank inside a collective)."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    script = ("import sys, time\nfrom numerics.launcher import RankPool\npool = RankPool(2)\npool.start()\n"
-              "print('ranks:', *[p.pid for p in pool._processes], flush=True)\ntime.sleep(600)\n")
+    work = "pool.run(RunSpec(fault='rank_hangs', zero_stage=1, timeout_s=600.0))" if busy else "time.sleep(600)"
+    script = ("import sys, time\nfrom numerics.launcher import RankPool\nfrom numerics.spec import RunSpec\n"
+              "pool = RankPool(2)\npool.start()\n"
+              f"print('ranks:', *[p.pid for p in pool._processes], flush=True)\n{work}\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     line = next(line for line in parent.stdout if line.startswith("ranks:"))  # DeepSpeed prints too
     ranks = [int(pid) for pid in line.split()[1:]]
     assert len(ranks) == 2, ranks
+    time.sleep(10 if busy else 0)  # well into the cell: built, stepping, one rank hung
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 30

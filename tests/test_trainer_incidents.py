@@ -9,8 +9,8 @@ import pytest
 
 from numerics.faults import FAULTS
 from numerics.invariants import assert_step0_grads, relative
+from numerics.matrix import fault_cell
 from numerics.plugin import expect_pass
-from numerics.selftest import fault_cell
 from numerics.spec import RunSpec
 
 pytestmark = pytest.mark.multigpu

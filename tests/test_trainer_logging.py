@@ -7,7 +7,7 @@ import pytest
 
 from numerics.faults import FAULTS
 from numerics.invariants import assert_logged_matches
-from numerics.selftest import fault_cell
+from numerics.matrix import fault_cell
 from numerics.spec import RunSpec
 from numerics.trace import StepRecord, Trace
 

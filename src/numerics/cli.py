@@ -40,7 +40,7 @@ def run_cells(specs: list[RunSpec], backend: str | None, console: Console) -> li
 
 def cmd_run(args: argparse.Namespace) -> int:
     console = make_console()
-    specs = matrix.cells(full=args.full, pattern=args.cells)
+    specs = matrix.named_cells(full=args.full, pattern=args.cells)
     if args.world_size:
         specs = [s for s in specs if s.world_size == args.world_size]
     if not specs:
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the matrix and write a report")
     run.add_argument("--full", action="store_true", help="the full product of every axis, not the covering subset")
-    run.add_argument("--cells", metavar="GLOB", help="only cells whose id matches, e.g. 'zero3-*'")
+    run.add_argument("--cells", metavar="GLOB", help="only cells whose id matches, e.g. 'zero3-*'; also names the fault cells' clean twins")
     run.add_argument("--world-size", type=int, help="only cells of this world size")
     run.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl with a GPU per rank, else gloo")
     run.add_argument("--report", default="reports/latest", help="directory for results.json and junit.xml")

@@ -17,6 +17,7 @@ import queue
 import signal
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from numerics.trace import Trace
 ERROR_GRACE_S = 10.0  # after one rank fails, how long the others get to report before they are stopped
 START_TIMEOUT_S = 300.0  # importing DeepSpeed and building its CPU comm op on a cold machine
 STACK_DUMP_WAIT_S = 1.0
-PARENT_POLL_S = 5.0  # how often an idle rank checks that its parent is still there
+PARENT_POLL_S = 5.0  # how often a rank checks that its parent is still there
 
 
 @dataclass
@@ -60,6 +61,7 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, device_offse
     """Body of one rank: start the process group once, then run cells until told to stop."""
     from numerics.platform import rank_environment
 
+    exit_with_parent(os.getppid())
     os.environ.update(rank_environment(rank, world_size, port, backend))
     stacks = open(stack_file, "w")  # noqa: SIM115 - lives as long as the process
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
@@ -86,8 +88,7 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, device_offse
 
     from numerics.versions.compat import Unsupported
 
-    parent = os.getppid()
-    while (task := next_task(tasks, parent)) is not None:
+    while (task := tasks.get()) is not None:
         number, spec = task
         try:
             results.put((number, rank, "ok", run_cell(spec, rank, meta)))
@@ -97,15 +98,17 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, device_offse
             results.put((number, rank, "error", traceback.format_exc()))
 
 
-def next_task(tasks: Any, parent: int) -> Any:
-    """The next cell for this rank, or None when told to stop or when the parent died: a parent
-    killed with SIGKILL cannot say stop, and its ranks would otherwise wait forever."""
-    while True:
-        try:
-            return tasks.get(timeout=PARENT_POLL_S)
-        except queue.Empty:
-            if os.getppid() != parent:
-                return None
+def exit_with_parent(parent: int) -> None:
+    """Exit this rank once its parent is gone. A parent killed with SIGKILL cannot tell its
+    ranks to stop, and a rank may be anywhere then: idle, hung in a collective, waiting on
+    a JIT build's lock. A daemon thread notices wherever the main thread is."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class RankPool:
@@ -127,6 +130,10 @@ class RankPool:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
+        if self.backend == "gloo":
+            from numerics.prepare import ensure_cpu_ops
+
+            ensure_cpu_ops()
         port = free_port()
         self.generation += 1
         self._results = self._context.Queue()

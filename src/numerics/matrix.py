@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from numerics.faults import FAULTS
+from numerics.faults import FAULTS, Fault
 from numerics.spec import LORA_INVARIANTS, OVERFIT_INVARIANTS, TRAINER_INVARIANTS, TRAINER_LOSSES, RunSpec
 
 STAGES = [0, 1, 2, 3]
@@ -161,5 +161,27 @@ def cells(full: bool = False, pattern: str | None = None) -> list[RunSpec]:
                 continue
             seen.add(spec.cell_id)
             specs.append(spec)
+    return specs
+
+
+def fault_cell(fault: Fault, clean: bool = False) -> RunSpec:
+    """The cell a fault runs in; its clean twin has no fault (and the default timeout)."""
+    spec = RunSpec(**fault.cell, fault=fault.name)
+    return spec.with_(fault=None, timeout_s=RunSpec.timeout_s) if clean else spec
+
+
+def named_cells(full: bool, pattern: str | None) -> list[RunSpec]:
+    """`cells`, and when a glob is given, the clean twins of the faults it names too: the cell
+    in which a real release reproduces a fault (peft 0.7.0's fp16 adapters are
+    ``adapters_in_base_dtype``'s), so what `numerics bisect` reports can be run again."""
+    specs = cells(full, pattern)
+    if pattern is None:
+        return specs
+    seen = {spec.cell_id for spec in specs}
+    for fault in FAULTS.values():
+        twin = fault_cell(fault, clean=True)
+        if twin.cell_id not in seen and fnmatch.fnmatch(twin.cell_id, pattern):
+            seen.add(twin.cell_id)
+            specs.append(twin)
     return specs
 

@@ -4,15 +4,41 @@ On CPU, DeepSpeed JIT-compiles its shared-memory comm op when a process group
 starts and its fused Adam when a config asks for Adam/AdamW; two ranks building
 the same op at once collide. Building them here, in one process, makes every
 later start a cache hit.
+
+A build killed midway (a cell's timeout, a Ctrl-C, a lost machine) leaves torch's
+``lock`` file in the op's build directory, and every later load waits on it forever.
+Builds here hold an OS lock beside that directory (released by the kernel when the
+holder dies), so a torch ``lock`` found while holding it was left by a dead build and
+is removed. A DeepSpeed job outside Numerics building the same op at that moment
+would lose its lock; Numerics' own ranks only load what was built here.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import torch
 
 CPU_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder")
+_prepared_in_this_process = False
+
+
+def ensure_cpu_ops() -> None:
+    """``numerics prepare`` once per process, before its first ranks start: a warm cache
+    costs ~7 s; a cold one (a new machine whose CPU flags differ, a build killed midway)
+    is built here once instead of by two ranks at once. In a child process, so the
+    parent, which trains nothing, never imports DeepSpeed."""
+    global _prepared_in_this_process
+    if _prepared_in_this_process:
+        return
+    subprocess.run([sys.executable, "-m", "numerics.cli", "prepare"], check=True, stdout=subprocess.DEVNULL)
+    _prepared_in_this_process = True
 
 
 def build_cpu_ops() -> dict[str, float]:
@@ -27,6 +53,22 @@ def build_cpu_ops() -> dict[str, float]:
         started = time.perf_counter()
         builder = get_accelerator().create_op_builder(name)
         if builder is not None:
-            builder.load(verbose=False)
+            with sole_builder(builder.name):
+                builder.load(verbose=False)
         timings[name] = time.perf_counter() - started
     return timings
+
+
+@contextmanager
+def sole_builder(op: str) -> Iterator[None]:
+    """Hold the OS lock for ``op``'s build directory; clear a dead build's torch lock."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build_dir = Path(_get_build_directory(op, verbose=False))
+    with open(build_dir.parent / f".{op}.numerics-lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            print(f"removing {stale}: left by a build that did not finish", flush=True)
+            stale.unlink()
+        yield

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from numerics.faults import FAULTS, Fault
+from numerics.matrix import fault_cell
 from numerics.runner import CellResult, PoolSet
-from numerics.spec import RunSpec
 
 
 @dataclass
@@ -33,12 +33,6 @@ class DetectionRow:
     @property
     def ok(self) -> bool:
         return self.detected and self.clean.status != "fail"
-
-
-def fault_cell(fault: Fault, clean: bool = False) -> RunSpec:
-    """The cell a fault runs in; its clean twin has no fault (and the default timeout)."""
-    spec = RunSpec(**fault.cell, fault=fault.name)
-    return spec.with_(fault=None, timeout_s=RunSpec.timeout_s) if clean else spec
 
 
 def run_selftest(backend: str | None, console: Console, names: list[str] | None = None) -> list[DetectionRow]:

@@ -305,8 +305,9 @@ def release(trainer: Trainer | None, environ: dict[str, str]) -> None:
     from accelerate.state import AcceleratorState, GradientState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    if trainer is not None and trainer.deepspeed is not None:
-        trainer.deepspeed.destroy()
+    engine = getattr(trainer, "deepspeed", None)
+    if hasattr(engine, "destroy"):  # a Trainer that never engaged DeepSpeed holds none
+        engine.destroy()
     unset_hf_deepspeed_config()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

@@ -17,7 +17,6 @@ cells, with every (environment, cell) record cached so a second bisect costs sec
 """
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import math
@@ -31,9 +30,7 @@ from packaging.version import Version
 from rich.console import Console
 
 from numerics import matrix
-from numerics.faults import FAULTS
 from numerics.runner import CANNOT
-from numerics.selftest import fault_cell
 from numerics.spec import RunSpec
 from numerics.versions import releases
 from numerics.versions.cells import run_cells_in
@@ -138,7 +135,7 @@ def make_request(package: str, good: str, bad: str, pins: list[str], pattern: st
     others = parse_pins(pins)
     if any(pin.name == good_pin.name for pin in others):
         raise BadPins(f"--pin may not name {good_pin.name}, the package under bisect")
-    specs = selectable_cells(pattern)
+    specs = matrix.named_cells(full=True, pattern=pattern)
     if not specs:
         raise BadPins(f"no cell matches --cells {pattern!r} (a glob over the full matrix's cell ids "
                       f"and the fault cells' clean twins)")
@@ -147,19 +144,6 @@ def make_request(package: str, good: str, bad: str, pins: list[str], pattern: st
         raise BadPins(f"--invariant {invariant!r} is not held by the selected cells; they hold {', '.join(sorted(known))}")
     check_published((good_pin, bad_pin, *others))  # last: the only check that asks the index
     return Request(good_pin.name, good_pin, bad_pin, others, tuple(specs), invariant, pre)
-
-
-def selectable_cells(pattern: str | None) -> list[RunSpec]:
-    """The full matrix, and the clean twin of every injected fault: the cell in which a real
-    release reproduces a fault (peft 0.7.0's fp16 adapters are ``adapters_in_base_dtype``'s)."""
-    specs = matrix.cells(full=True, pattern=pattern)
-    seen = {spec.cell_id for spec in specs}
-    for fault in FAULTS.values():
-        twin = fault_cell(fault, clean=True)
-        if twin.cell_id not in seen and (pattern is None or fnmatch.fnmatch(twin.cell_id, pattern)):
-            seen.add(twin.cell_id)
-            specs.append(twin)
-    return specs
 
 
 def releases_between(request: Request) -> list[str]:

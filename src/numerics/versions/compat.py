@@ -79,10 +79,12 @@ def trainer_engine(trainer: Any) -> Any:
     the driver measures around its ``step``; a Trainer that exposes none cannot be measured."""
     engine = getattr(trainer, "deepspeed", None)
     if engine is None or not hasattr(engine, "is_gradient_accumulation_boundary"):
+        import accelerate
         import transformers
 
-        raise Unsupported(f"transformers {transformers.__version__}: the Trainer exposes no DeepSpeed engine "
-                          "(trainer.deepspeed) at train begin, so its optimizer steps cannot be measured")
+        raise Unsupported(f"transformers {transformers.__version__} with accelerate {accelerate.__version__}: the "
+                          f"Trainer built {type(engine).__name__}, not a DeepSpeed engine (accelerate before 1.0 "
+                          "enables DeepSpeed only off CPU), so its optimizer steps cannot be measured")
     return engine
 
 
