@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from numerics import matrix
+from numerics import golden, matrix
 from numerics.report import finite_json, print_report, write_report
 from numerics.runner import CellResult, PoolSet
 from numerics.spec import RunSpec
@@ -38,18 +38,30 @@ def run_cells(specs: list[RunSpec], backend: str | None, console: Console) -> li
     return results
 
 
+def selected(args: argparse.Namespace) -> list[RunSpec]:
+    specs = matrix.named_cells(full=args.full, pattern=args.cells)
+    return [s for s in specs if s.world_size == args.world_size] if args.world_size else specs
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     console = make_console()
-    specs = matrix.named_cells(full=args.full, pattern=args.cells)
-    if args.world_size:
-        specs = [s for s in specs if s.world_size == args.world_size]
+    specs = selected(args)
     if not specs:
         console.print(f"no cells match {args.cells!r}")
         return 2
+    if args.versions:
+        return run_version_matrix(args, specs, console)
     if args.pin:
         return run_with_pins(args, specs, console)
     console.print(f"{len(specs)} cells ({'full product' if args.full else 'covering subset; --full for all'})")
     results = run_cells(specs, args.backend, console)
+    if args.golden:
+        for result in results:
+            golden.judge(result, Path(args.golden))
+        missing = [r.spec.cell_id for r in results if any(v.invariant == golden.GOLDEN_INVARIANT and v.status == "n/a"
+                                                           for v in r.verdicts)]
+        if missing:
+            console.print(f"[yellow]no golden in {args.golden} for {len(missing)} cells:[/] {', '.join(missing)}")
     print_report(results, console)
     write_report(results, Path(args.report))
     console.print(f"wrote {args.report}/results.json and {args.report}/junit.xml")
@@ -63,20 +75,38 @@ def run_with_pins(args: argparse.Namespace, specs: list[RunSpec], console: Conso
     from numerics.versions.resolve import BadPins, parse_pins
 
     try:
-        return run_pinned(parse_pins(args.pin), without_pins(args.argv), specs, Path(args.report), console)
+        return run_pinned(parse_pins(args.pin), inner_arguments(args.argv, ("--pin",)), specs, Path(args.report),
+                          console)
     except BadPins as err:
         console.print(f"error: {err}", highlight=False)
         return 2
 
 
-def without_pins(argv: list[str]) -> list[str]:
-    """``run``'s arguments less every ``--pin X`` / ``--pin=X``, for the run inside the environment."""
+def run_version_matrix(args: argparse.Namespace, specs: list[RunSpec], console: Console) -> int:
+    """``run --versions``: every combination in its environment, then one table; exit 2 for bad input."""
+    from numerics.versions.combinations import combinations, parse_axes, run_matrix
+    from numerics.versions.resolve import BadPins
+
+    try:
+        combos = combinations(parse_axes(args.versions), args.pin)
+    except BadPins as err:
+        console.print(f"error: {err}", highlight=False)
+        return 2
+    console.print(f"{len(combos)} combinations x {len(specs)} cells; baseline: {' '.join(map(str, combos[0]))}")
+    arguments = inner_arguments(args.argv, ("--pin", "--versions", "--report", "--strict"))
+    return run_matrix(combos, arguments, specs, Path(args.report), args.strict, console)
+
+
+def inner_arguments(argv: list[str], dropped: tuple[str, ...]) -> list[str]:
+    """``run``'s arguments less the ``dropped`` options (``--x V``, ``--x=V``; ``--strict`` takes
+    no value), for the run inside an environment."""
     kept, skip = [], False
     for argument in argv[argv.index("run") + 1:]:
-        if skip or argument.startswith("--pin="):
+        name = argument.split("=", 1)[0]
+        if skip:
             skip = False
-        elif argument == "--pin":
-            skip = True
+        elif name in dropped:
+            skip = "=" not in argument and name != "--strict"
         else:
             kept.append(argument)
     return kept
@@ -164,6 +194,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_golden(args: argparse.Namespace) -> int:
+    """``numerics golden record``: run the selection and keep each passing cell's trace."""
+    console = make_console()
+    specs = selected(args)
+    if not specs:
+        console.print(f"no cells match {args.cells!r}")
+        return 2
+    results = run_cells(specs, args.backend, console)
+    for line in golden.record(results, Path(args.dir), args.update):
+        console.print(line, highlight=False)
+    return 1 if any(r.status != "pass" for r in results) else 0
+
+
 def cmd_selftest(args: argparse.Namespace) -> int:
     from numerics.selftest import detection_table, run_selftest
 
@@ -175,15 +218,24 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if all(row.ok for row in rows) else 1
 
 
+def add_selection(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--full", action="store_true", help="the full product of every axis, not the covering subset")
+    parser.add_argument("--cells", metavar="GLOB",
+                        help="only cells whose id matches, e.g. 'zero3-*'; also names the fault cells' clean twins")
+    parser.add_argument("--world-size", type=int, help="only cells of this world size")
+    parser.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl with a GPU per rank, else gloo")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="numerics", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the matrix and write a report")
-    run.add_argument("--full", action="store_true", help="the full product of every axis, not the covering subset")
-    run.add_argument("--cells", metavar="GLOB", help="only cells whose id matches, e.g. 'zero3-*'; also names the fault cells' clean twins")
-    run.add_argument("--world-size", type=int, help="only cells of this world size")
-    run.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl with a GPU per rank, else gloo")
+    run = add_selection(sub.add_parser("run", help="run the matrix and write a report"))
     run.add_argument("--report", default="reports/latest", help="directory for results.json and junit.xml")
+    run.add_argument("--golden", metavar="DIR", help="compare every trace with its golden in DIR (matches_golden)")
+    run.add_argument("--versions", action="append", default=[], metavar="PKG=V1,V2",
+                     help="run every combination of these releases (repeatable); the first is the baseline")
+    run.add_argument("--strict", action="store_true", help="with --versions: a trace that moved against the baseline fails")
     run.add_argument("--pin", action="append", default=[], metavar="PKG==V",
                      help="run inside the environment for these releases (repeatable; exit 3: cannot build)")
     run.set_defaults(func=cmd_run, argv=sys.argv[1:] if argv is None else argv)
@@ -202,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     bisect.add_argument("--pre", action="store_true", help="also try pre-releases between the ends")
     bisect.add_argument("--json", metavar="FILE", help="write the result as JSON")
     bisect.set_defaults(func=cmd_bisect)
+    golden_parser = sub.add_parser("golden", help="record golden traces of passing cells")
+    golden_parser.add_argument("action", choices=["record"])
+    add_selection(golden_parser)
+    golden_parser.add_argument("--dir", required=True, help="one JSON per cell id")
+    golden_parser.add_argument("--update", action="store_true", help="replace goldens that exist (prints what moved)")
+    golden_parser.set_defaults(func=cmd_golden)
     sub.add_parser("prepare", help="build DeepSpeed's CPU ops once").set_defaults(func=cmd_prepare)
     selftest = sub.add_parser("selftest", help="inject every fault and show which invariants catch it")
     selftest.add_argument("--backend", choices=["gloo", "nccl"])

@@ -28,6 +28,13 @@ class Deviation:
     reason: str
     link: str = ""
     intermittent: bool = False  # shows in some runs only: a pass is not an unexpected pass
+    found_by: str = ""  # the numerics bisect that measured the range, e.g. "first bad deepspeed==0.18.2"
+
+    def describe(self) -> str:
+        """Which entry this is, as the report names it: its cells, releases and how they were found."""
+        cells = ", ".join(f"{k}={v}" for k, v in self.cell.items())
+        releases = ", ".join(f"{package} {specifier}" for package, specifier in self.versions.items())
+        return f"known deviation {self.invariant} at {cells} on {releases}" + (f" ({self.found_by})" if self.found_by else "")
 
     def applies(self, spec: dict[str, Any], invariant: str, versions: dict[str, str | None]) -> bool:
         if invariant != self.invariant or not all(_matches(spec.get(k), v) for k, v in self.cell.items()):
@@ -89,7 +96,7 @@ def apply(verdicts: list[Any], spec: dict[str, Any], versions: dict[str, str | N
         known = find(spec, verdict.invariant, versions)
         if known is None:
             continue
-        verdict.reason = f"{known.reason} {known.link}".strip()
+        verdict.reason = f"{known.reason} {known.link} [{known.describe()}]".replace("  ", " ")
         if verdict.status == "fail":
             verdict.status = "xfail"
         elif verdict.status == "pass" and not known.intermittent:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from numerics import golden
 from numerics.runner import CANNOT, CellResult, PoolSet
 from numerics.spec import RunSpec
 
@@ -23,6 +24,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with a GPU per rank, else gloo")
     group.addoption("--numerics-report", metavar="DIR", default=None, help="write results.json and junit.xml of the cells run")
     group.addoption("--numerics-full", action="store_true", help="the full matrix product instead of the covering subset")
+    group.addoption("--numerics-golden", metavar="DIR", default=None,
+                    help="compare every cell's trace with its golden in DIR (numerics golden record)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -48,8 +51,12 @@ def numerics_pools(request: pytest.FixtureRequest):
 def run_cell(numerics_pools: PoolSet, request: pytest.FixtureRequest):
     """Run a `RunSpec` through the pool; returns its `CellResult` (verdicts already evaluated)."""
 
+    golden_dir = request.config.getoption("numerics_golden")
+
     def run(spec: RunSpec) -> CellResult:
         result = numerics_pools.run(spec)
+        if golden_dir:
+            golden.judge(result, Path(golden_dir))
         request.config.stash[RESULTS_KEY].append(result)
         return result
 
