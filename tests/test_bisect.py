@@ -227,6 +227,7 @@ def _index_reachable() -> bool:
     (["peft", "--good", "0.6.2", "--bad", "0.7.0", "--pin", "peft==0.7.0"], "--pin may not name peft"),
     (["peft", "--good", "0.6.2", "--bad", "0.7.0", "--cells", "no-such-cell*"], "no cell matches --cells 'no-such-cell*'"),
     (["peft", "--good", "0.6.2", "--bad", "0.7.0", "--invariant", "bogus"], "--invariant 'bogus' is not held"),
+    (["peft", "--good", "0.6.2", "--bad", "0.7.0", "--cells", "zero1-*", "--", "tests/test_matrix.py"], "not both"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
     assert main(["bisect", *argv]) == 2
@@ -237,3 +238,36 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
 def test_an_unpublished_release_exits_2_naming_the_nearest(capsys):
     assert main(["bisect", "peft", "--good", "0.6.3", "--bad", "0.7.1"]) == 2
     assert "peft==0.6.3 is not a published release; nearest: 0.6.0, 0.6.1, 0.6.2, 0.7.0" in capsys.readouterr().out
+
+
+def test_a_pytest_selection_is_judged_by_the_cells_its_tests_ran(fake_releases, tmp_path, monkeypatch):
+    """``-- PYTEST_SELECTION``: the tests run in each release's environment and the cells they
+    ran (their --numerics-report) are judged like --cells records, and cached per selection."""
+    import json
+    import subprocess
+
+    ran = []
+
+    def pytest_in(command, env, cwd, capture_output, text, timeout):
+        release = env["NUMERICS_FAKE_RELEASE"]
+        ran.append(release)
+        red = fake_releases.red(bisect.Version(release))
+        steps = [{"step": 0, "loss": 2.3}, {"step": 1, "loss": "nan" if red else 2.2}]
+        verdicts = [{"invariant": "finite", "status": "fail" if red else "pass", "message": ""}]
+        cell = {"cell": TWIN.cell_id, "status": "fail" if red else "pass", "verdicts": verdicts, "trace": {"steps": steps}}
+        report = command[command.index("--numerics-report") + 1]
+        (bisect.Path(report) / "results.json").write_text(json.dumps({"cells": [cell]}))
+        return subprocess.CompletedProcess(command, 1 if red else 0, "", "")
+
+    monkeypatch.setattr(bisect.subprocess, "run", pytest_in)
+    monkeypatch.setattr(bisect.Environment, "variables", lambda self: {"NUMERICS_FAKE_RELEASE": self.path.name})
+    request = bisect.Request("peft", Pin("peft", "0.6.2"), Pin("peft", "0.7.1"), (Pin("transformers", "4.36.2"),), (),
+                             None, False, ("tests/test_matrix.py", "-k", "lora_base_fp16"))
+    cache = RecordCache(tmp_path / "cache")
+    found, judge = bisect.bisect(request, bisect.Console(quiet=True), cache)
+    assert (found.outcome, found.first_bad, found.last_good) == (FOUND, "0.7.0", "0.6.2")
+    assert judge.trials["0.7.0"].records[0]["losses"][1] != judge.trials["0.7.0"].records[0]["losses"][1]  # NaN again
+    assert "pytest tests/test_matrix.py -k lora_base_fp16" in bisect.summary(request, found, judge)["reproduce"][0]
+    ran.clear()
+    bisect.bisect(request, bisect.Console(quiet=True), cache)
+    assert ran == []  # every release answered from the cache

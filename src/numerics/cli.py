@@ -169,7 +169,8 @@ def cmd_bisect(args: argparse.Namespace) -> int:
 
     console = make_console()
     try:
-        request = bisect.make_request(args.package, args.good, args.bad, args.pin, args.cells, args.invariant, args.pre)
+        request = bisect.make_request(args.package, args.good, args.bad, args.pin, args.cells, args.invariant, args.pre,
+                                      tuple(args.selection))
         found, judge = bisect.bisect(request, console)
     except BadPins as err:
         console.print(f"error: {err}", highlight=False)
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     bisect.add_argument("--cells", metavar="GLOB", help="cell ids of the full matrix and the fault cells' clean twins")
     bisect.add_argument("--pre", action="store_true", help="also try pre-releases between the ends")
     bisect.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    bisect.set_defaults(selection=[])  # ``-- PYTEST_SELECTION``: instead of --cells, the tests to run
     bisect.set_defaults(func=cmd_bisect)
     golden_parser = sub.add_parser("golden", help="record golden traces of passing cells")
     golden_parser.add_argument("action", choices=["record"])
@@ -264,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     selftest = sub.add_parser("selftest", help="inject every fault and show which invariants catch it")
     selftest.add_argument("--backend", choices=["gloo", "nccl"])
     selftest.set_defaults(func=cmd_selftest)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    selection = argv[argv.index("--") + 1:] if "--" in argv else []  # argparse's subparsers mishandle "--"
+    args = parser.parse_args(argv[:len(argv) - len(selection) - 1] if selection else argv)
+    if selection and args.command != "bisect":
+        parser.error("only numerics bisect takes a pytest selection after --")
+    args.selection = selection
     return args.func(args)
 
 

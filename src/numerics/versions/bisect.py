@@ -21,6 +21,8 @@ import hashlib
 import json
 import math
 import os
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +118,7 @@ class Request:
     specs: tuple[RunSpec, ...]
     invariant: str | None
     pre: bool
+    selection: tuple[str, ...] = ()  # ``-- PYTEST_SELECTION``: run these tests instead of ``specs``
 
     @property
     def fixing(self) -> bool:
@@ -127,7 +130,7 @@ class Request:
 
 
 def make_request(package: str, good: str, bad: str, pins: list[str], pattern: str | None, invariant: str | None,
-                 pre: bool) -> Request:
+                 pre: bool, selection: tuple[str, ...] = ()) -> Request:
     """Check everything a person wrote before anything is built; raises `BadPins` (exit 2)."""
     [good_pin], [bad_pin] = parse_pins([f"{package}=={good}"]), parse_pins([f"{package}=={bad}"])
     if Version(good_pin.version) == Version(bad_pin.version):
@@ -135,6 +138,11 @@ def make_request(package: str, good: str, bad: str, pins: list[str], pattern: st
     others = parse_pins(pins)
     if any(pin.name == good_pin.name for pin in others):
         raise BadPins(f"--pin may not name {good_pin.name}, the package under bisect")
+    if selection:
+        if pattern is not None:
+            raise BadPins("give --cells or a pytest selection after --, not both")
+        check_published((good_pin, bad_pin, *others))
+        return Request(good_pin.name, good_pin, bad_pin, others, (), invariant, pre, tuple(selection))
     specs = matrix.named_cells(full=True, pattern=pattern)
     if not specs:
         raise BadPins(f"no cell matches --cells {pattern!r} (a glob over the full matrix's cell ids "
@@ -198,12 +206,26 @@ class RecordCache:
         digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
         return self.root / environment.path.name / f"{spec.cell_id}-{digest}.json"
 
+    def get_named(self, environment: Environment, kind: str, key: Any) -> Any:
+        """What was stored under ``key`` (any JSON) for ``environment``, e.g. a pytest selection's records."""
+        path = self._named_path(environment, kind, key)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def put_named(self, environment: Environment, kind: str, key: Any, value: Any) -> None:
+        self._write(self._named_path(environment, kind, key), value)
+
+    def _named_path(self, environment: Environment, kind: str, key: Any) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        return self.root / environment.path.name / f"{kind}-{digest}.json"
+
     def get(self, environment: Environment, spec: RunSpec) -> dict[str, Any] | None:
         path = self.path(environment, spec)
         return json.loads(path.read_text()) if path.exists() else None
 
     def put(self, environment: Environment, spec: RunSpec, record: dict[str, Any]) -> None:
-        path = self.path(environment, spec)
+        self._write(self.path(environment, spec), record)
+
+    def _write(self, path: Path, record: Any) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")  # two bisects may finish the same cell
         temporary.write_text(json.dumps(record))
@@ -266,6 +288,8 @@ class ReleaseJudge:
 
     def _records(self, environment: Environment) -> tuple[list[dict[str, Any]], bool]:
         """The selected cells' records in ``environment``; True when every one was cached."""
+        if self.request.selection:
+            return self._test_records(environment)
         specs = self.request.specs
         known = {spec.cell_id: self.cache.get(environment, spec) for spec in specs}
         missing = [spec for spec in specs if known[spec.cell_id] is None]
@@ -274,6 +298,34 @@ class ReleaseJudge:
                 self.cache.put(environment, spec, record)
                 known[spec.cell_id] = record
         return [known[spec.cell_id] for spec in specs], not missing
+
+
+    def _test_records(self, environment: Environment) -> tuple[list[dict[str, Any]], bool]:
+        """The records of every cell the pytest selection ran in ``environment`` (its
+        ``--numerics-report``), cached per selection; a selection that ran no cell cannot run."""
+        cached = self.cache.get_named(environment, "pytest", self.request.selection)
+        if cached is not None:
+            return cached, True
+        with tempfile.TemporaryDirectory() as report:
+            command = [str(environment.python), "-m", "pytest", *self.request.selection, "-q", "-p", "no:cacheprovider",
+                       "--numerics-report", report]
+            done = subprocess.run(command, env=environment.variables(), cwd=str(REPO_ROOT), capture_output=True,
+                                  text=True, timeout=CELL_TIMEOUT_S * 4)
+            results = Path(report) / "results.json"
+            if not results.exists():
+                raise RuntimeError(f"the pytest selection ran no cell (exit {done.returncode}): "
+                                   f"{(done.stdout.strip().splitlines() or [''])[-1]}")
+            records = [_record_of_report(cell) for cell in json.loads(results.read_text())["cells"]]
+        self.cache.put_named(environment, "pytest", self.request.selection, records)
+        return records, False
+
+
+def _record_of_report(cell: dict[str, Any]) -> dict[str, Any]:
+    """A ``results.json`` cell as the record `run_cells_in` returns (the parts bisect reads)."""
+    steps = (cell.get("trace") or {}).get("steps")
+    return {"cell": cell["cell"], "status": cell["status"],
+            "verdicts": [[v["invariant"], v["status"], v["message"]] for v in cell["verdicts"]],
+            "losses": [float(s["loss"]) for s in steps] if steps else None}  # "nan" as written back to a float
 
 
 def bisect(request: Request, console: Console, cache: RecordCache | None = None) -> tuple[Search, ReleaseJudge]:
@@ -300,7 +352,7 @@ def summary(request: Request, found: Search, judge: ReleaseJudge) -> dict[str, A
     data: dict[str, Any] = {
         "package": request.package, "good": request.good.version, "bad": request.bad.version,
         "direction": "first fixed" if request.fixing else "first bad", "pins": [str(p) for p in request.pins],
-        "cells": [spec.cell_id for spec in request.specs], "releases": list(found.releases),
+        "cells": [spec.cell_id for spec in request.specs], "selection": list(request.selection), "releases": list(found.releases),
         "outcome": found.outcome, "exit": 0 if found.outcome == FOUND else 1,
         "tried": [_trial_data(judge.trials[release]) for release, _ in found.tried],
         "skipped": list(found.skipped), "undecided": list(found.undecided),
@@ -339,6 +391,9 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
 
 
 def reproduce_command(request: Request, release: str, cell: str) -> str:
+    if request.selection:
+        pins = " ".join(map(str, request.pins_for(release)))
+        return f"numerics env build {pins}   # then, with its PYTHONPATH: python -m pytest {' '.join(request.selection)}"
     pins = " ".join(f"--pin {pin}" for pin in request.pins_for(release))
     return f"numerics run {pins} --full --cells {cell}"
 
