@@ -61,3 +61,24 @@ def test_a_deterministic_deviation_that_stops_reproducing_is_an_unexpected_pass(
     verdicts = [Verdict("step0_grads", "pass")]
     deviations.apply(verdicts, RunSpec(zero_stage=0, dtype="fp16").to_dict(), {"deepspeed": "0.19.8"})
     assert verdicts[0].status == "xpass" and verdicts[0].failed
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("RuntimeError: Output 0 of Split is a view and is being modified inplace.", "xfail"),  # the bisected crash
+    ("timed out: ranks [0, 1] sent no result within 180s", "fail"),  # any other crash stays red
+])
+def test_a_known_crash_is_excused_only_by_what_it_says(message, expected):
+    verdicts = [Verdict("completes", "fail", message)]
+    deviations.apply(verdicts, RunSpec(zero_stage=2).to_dict(), {"deepspeed": "0.18.9"})
+    assert verdicts[0].status == expected
+    assert expected == "fail" or "first bad deepspeed==0.18.7" in verdicts[0].reason  # the report names the entry
+
+
+def test_a_crash_of_a_bisected_release_is_judged_by_the_runner():
+    from numerics.launcher import CellOutcome
+    from numerics.runner import evaluate
+
+    outcome = CellOutcome(RunSpec(zero_stage=1), error="rank 0 raised:\nRuntimeError: Output 0 of Split is a view ...")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("numerics.runner.package_versions", lambda: {"deepspeed": "0.18.7"})
+        assert evaluate(outcome).status == "xfail"
