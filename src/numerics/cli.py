@@ -38,16 +38,18 @@ def run_cells(specs: list[RunSpec], backend: str | None, console: Console) -> li
     return results
 
 
-def selected(args: argparse.Namespace) -> list[RunSpec]:
+def selected(args: argparse.Namespace, console: Console) -> list[RunSpec]:
+    """The cells ``--full``, ``--cells`` and ``--world-size`` name; empty (and said so) if none."""
     specs = matrix.named_cells(full=args.full, pattern=args.cells)
-    return [s for s in specs if s.world_size == args.world_size] if args.world_size else specs
+    specs = [s for s in specs if s.world_size == args.world_size] if args.world_size else specs
+    if not specs:
+        console.print(f"no cells match {args.cells!r}")
+    return specs
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     console = make_console()
-    specs = selected(args)
-    if not specs:
-        console.print(f"no cells match {args.cells!r}")
+    if not (specs := selected(args, console)):
         return 2
     if args.versions:
         return run_version_matrix(args, specs, console)
@@ -198,9 +200,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_golden(args: argparse.Namespace) -> int:
     """``numerics golden record``: run the selection and keep each passing cell's trace."""
     console = make_console()
-    specs = selected(args)
-    if not specs:
-        console.print(f"no cells match {args.cells!r}")
+    if not (specs := selected(args, console)):
         return 2
     results = run_cells(specs, args.backend, console)
     for line in golden.record(results, Path(args.dir), args.update):
