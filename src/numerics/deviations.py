@@ -125,12 +125,19 @@ TOKEN_COUNT = (
     "differs per batch, and the loss drifts too (1.1e-3 at step 1)."
 )
 GA_TWICE = (
-    "HF Trainer, stock loss, GA > 1: the loss is divided by GA for accumulation and again by "
-    "DeepSpeed's backward, so gradients are 1/GA of the truth (0.24 = 1/4 x 31/32 at GA 4)."
+    "HF Trainer, GA > 1: the loss is divided by GA by the Trainer and again by DeepSpeed's backward, "
+    "so gradients are 1/GA of the truth (stock loss: 0.24 = 1/4 x 31/32 at GA 4; a user's own "
+    "compute_loss: 0.25). Adam hides the scale."
 )
+LOGGED_TIMES_GA = (
+    "HF Trainer, a user's own compute_loss, GA > 1: the logged loss is the true loss x GA (16.4 for "
+    "4.11 at GA 4); training is right."
+)
+TRAINER_CUSTOM_GA = {"driver": "trainer", "trainer_loss": "custom", "grad_accum": (2, 4), "fault": None}
 NO_SYNC_STEP = (
-    "HF Trainer with DeepSpeed at GA 1: engine.step() is called inside accelerate's no_sync context and "
-    "DeepSpeed asserts ('It is illegal to call Engine.step() inside no_sync context manager')."
+    "HF Trainer with DeepSpeed (4.46.2 at GA 1, 4.47.0 at GA 4): engine.step() is called inside "
+    "accelerate's no_sync context and DeepSpeed asserts ('It is illegal to call Engine.step() inside "
+    "no_sync context manager'): no run gets past its first step."
 )
 TRAINER_STOCK = {"driver": ("trainer", "trainer_epochs"), "trainer_loss": "stock", "fault": None}
 
@@ -138,11 +145,13 @@ FINDINGS: list[Deviation] = [
     *(Deviation({"zero_stage": 0, "dtype": "bf16", "fault": None}, name, {"deepspeed": "<0.17.0"}, ZERO0_BF16_ACCESSOR,
                 strict=False, found_by="PENDING")
       for name in ("step0_grads", "parity_grad_norm", "grad_norm_agrees")),
-    *(Deviation({"zero_stage": 1, "grad_accum": (2, 4), "fault": None}, name, {"deepspeed": ">=0.18.3,<0.19.8"},
-                ZERO1_GA_SCALE, strict=False, found_by="first bad deepspeed==0.18.3, last good 0.18.2; PENDING")
+    *(Deviation({"zero_stage": 1, "grad_accum": (2, 4), "fault": None}, name, {"deepspeed": ">=0.18.3,<0.19.6"},
+                ZERO1_GA_SCALE, strict=False,
+                found_by="first bad deepspeed==0.18.3 (last good 0.18.2); first fixed 0.19.6 (last bad 0.19.5)")
       for name in ("step0_grads", "parity_grad_norm", "parity_loss", "learns")),
     *(Deviation({"zero_stage": 2, "dtype": "bf16", "grad_accum": (2, 4), "fault": None}, name,
-                {"deepspeed": ">=0.17.0,<0.19.5"}, ZERO2_BF16_GA, strict=False, found_by="PENDING")
+                {"deepspeed": ">=0.17.0,<0.18.4"}, ZERO2_BF16_GA, strict=False,
+                found_by="PENDING; first fixed deepspeed==0.18.4 (last bad 0.18.3)")
       for name in ("step0_grads", "parity_grad_norm", "parity_loss", "learns")),
     Deviation({"zero_stage": (1, 2), "fault": None}, "completes", {"deepspeed": ">=0.18.7,<0.19.5"}, SPLIT_VIEW,
               strict=False, says="Output 0 of Split is a view", found_by="first bad deepspeed==0.18.7 (0.18.6 completes); PENDING"),
@@ -152,8 +161,14 @@ FINDINGS: list[Deviation] = [
     *(Deviation({**TRAINER_STOCK, "grad_accum": (2, 4)}, name, {"transformers": ">=4.46.2,<4.49.0"}, GA_TWICE,
                 strict=False, found_by="first bad transformers==4.46.2, last good 4.46.1; 4.48.3 bad, 4.49.0 good")
       for name in ("step0_grads", "parity_grad_norm")),
-    Deviation({"driver": "trainer", "grad_accum": 1, "fault": None}, "completes", {"transformers": "==4.46.2"},
-              NO_SYNC_STEP, strict=False, says="inside no_sync", found_by="4.46.1 and 4.46.3 complete (bisect skips 4.46.2)"),
+    Deviation(TRAINER_CUSTOM_GA, "logged_matches", {"transformers": ">=4.47.0,<4.48.0"}, LOGGED_TIMES_GA, strict=False,
+              found_by="first bad transformers==4.47.1 (4.47.0 crashes), last good 4.46.3; 4.48.0 logs right"),
+    *(Deviation(TRAINER_CUSTOM_GA, name, {"transformers": ">=4.48.0,<4.49.0"}, GA_TWICE, strict=False,
+                found_by="4.48.0-4.48.3 (skipped by the logged_matches bisect for this); 4.47.1 and 4.49.0 not")
+      for name in ("step0_grads", "parity_grad_norm")),
+    Deviation({"driver": "trainer", "fault": None}, "completes", {"transformers": ">=4.46.2,<4.47.1,!=4.46.3"},
+              NO_SYNC_STEP, strict=False, says="inside no_sync",
+              found_by="4.46.2 at GA 1 and 4.47.0 at GA 4 crash; 4.46.1, 4.46.3 and 4.47.1 complete (bisect skips them)"),
 ]
 
 KNOWN_DEVIATIONS: list[Deviation] = [*TODAY, *FINDINGS]
