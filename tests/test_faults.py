@@ -3,18 +3,19 @@ invariant it targets (not merely by ``finite``), and the same cell without it pa
 import pytest
 
 from numerics.faults import FAULTS
-from numerics.matrix import fault_cell
+from numerics.matrix import FAULT_PRECISIONS, fault_cell
 
 pytestmark = pytest.mark.multigpu
 
 
+@pytest.mark.parametrize("precision", FAULT_PRECISIONS)
 @pytest.mark.parametrize("name", list(FAULTS))
-def test_fault_is_caught_by_its_target(name, run_cell):
+def test_fault_is_caught_by_its_target(name, precision, run_cell):
     fault = FAULTS[name]
-    faulty = run_cell(fault_cell(fault))
+    faulty = run_cell(fault_cell(fault, precision=precision))
     fired = {v.invariant for v in faulty.verdicts if v.failed}
     assert fired & set(fault.targets), f"{name} went undetected; fired: {sorted(fired)}\n{faulty.story()}"
     if not {"completes", "finite"} & set(fault.targets):
         assert "finite" not in fired, f"{name} should stay finite, as the real bug did\n{faulty.story()}"
-    clean = run_cell(fault_cell(fault, clean=True))
+    clean = run_cell(fault_cell(fault, clean=True, precision=precision))
     assert clean.status != "fail", clean.story()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from numerics.data import markov_chain
-from numerics.invariants import check
+from numerics.invariants import PER_STEP, check
 from numerics.spec import DEFAULT_INVARIANTS, RunSpec
 from numerics.thresholds import TOLERANCES, tolerance
 from numerics.trace import StepRecord, Trace
@@ -94,6 +94,23 @@ def test_parity_tolerance_follows_the_coarser_dtype(dtype, comm_dtype, rtol, sta
     assert verdict("parity_loss", trace).status == status
 
 
+@pytest.mark.parametrize("dtype, scale, status", [
+    ("fp32", 1.0 + 1e-7, "pass"), ("fp32", 1.0 + 5e-6, "fail"),
+    ("bf16", 1.0 + 1e-3, "pass"), ("bf16", 1.01, "fail"),
+])
+def test_step0_grads_sees_a_uniform_scale_far_below_the_per_parameter_bound(dtype, scale, status):
+    spec = SPEC.with_(dtype=dtype)
+    reference = make_trace(spec=spec)
+    rng = np.random.default_rng(0)  # rounding-like noise, orthogonal on average: 1e-2 relative L2 in bf16
+    noise = 1e-2 if dtype == "bf16" else 0.0
+    grads = {n: g * scale + noise * np.linalg.norm(g) / np.sqrt(g.size) * rng.standard_normal(g.shape)
+             for n, g in reference.step0_grads.items()}
+    result = verdict("step0_grads", make_trace(spec=spec, step0_grads=grads), reference)
+    assert result.status == status, result.message
+    if status == "fail":  # every gradient within its per-parameter bound: only the scale shows
+        assert "along its direction" in result.message and result.step == 0
+
+
 @pytest.mark.parametrize("name", ["parity_loss", "parity_grad_norm", "init_matches", "step0_grads"])
 def test_reference_invariants_are_na_without_a_reference(name):
     assert verdict(name, make_trace(), reference=None).status == "n/a"
@@ -104,10 +121,27 @@ def test_reference_invariants_are_na_without_a_reference(name):
     ("replicas_agree", make_trace(checksums=1)),
     ("gathered_params_match", make_trace(gathered=0)),
     ("no_collapse", make_trace(entropy_rate=None, entropy_floor=None)),
-    ("learns", make_trace(losses=GOOD_LOSSES[:5])),
+    ("learns", make_trace(losses=GOOD_LOSSES[:5], spec=SPEC.with_(steps=5))),
 ])
 def test_missing_data_gives_na_never_pass(name, trace):
     assert verdict(name, trace).status == "n/a"
+
+
+@pytest.mark.parametrize("name", sorted(PER_STEP & set(DEFAULT_INVARIANTS)))
+def test_a_trace_shorter_than_the_cell_fails_every_per_step_invariant(name):
+    result = verdict(name, make_trace(losses=GOOD_LOSSES[:2]))
+    assert result.status == "fail" and "the trace has 2 steps, the cell asks for 16" in result.message
+
+
+def test_parity_needs_applied_steps_not_skipped_ones():
+    trace = make_trace(spec=SPEC.with_(dtype="fp16"))
+    for record in trace.steps[4:]:
+        record.skipped = True  # a loss scale stuck overflowing: 4 updates in 16 steps
+    result = verdict("parity_loss", trace)
+    assert result.status == "fail" and "only 4 of 16 steps applied an update" in result.message
+    for record in trace.steps[4:13]:
+        record.skipped = False  # 13 of 16 applied: enough
+    assert verdict("parity_loss", trace).status == "pass"
 
 
 @pytest.mark.parametrize("dtype, comm_dtype, expected", [

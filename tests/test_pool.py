@@ -3,11 +3,13 @@ a hung cell fails within its timeout with every rank's stacks; fp32 is reproduci
 import pytest
 
 from numerics.launcher import RankPool
-from numerics.spec import RunSpec
+from numerics.spec import DEFAULT_INVARIANTS, RunSpec
 
 pytestmark = pytest.mark.multigpu
 
-PROBE = RunSpec(zero_stage=2, steps=6)  # fp32: traces must match bit for bit
+# fp32: traces must match bit for bit. Six steps are too few for `learns` (two windows of 4),
+# whose n/a would fail the cell: a short cell says what it is not held to.
+PROBE = RunSpec(zero_stage=2, steps=6, invariants=tuple(i for i in DEFAULT_INVARIANTS if i != "learns"))
 
 
 def fingerprint(result) -> list[tuple]:

@@ -17,9 +17,7 @@ from typing import Any
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-
-def _matches(value: Any, pattern: Any) -> bool:
-    return value in pattern if isinstance(pattern, tuple) else value == pattern
+from numerics.spec import matches
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class Deviation:
         return f"known deviation {self.invariant} at {cells} on {releases}" + (f" ({self.found_by})" if self.found_by else "")
 
     def applies(self, spec: dict[str, Any], invariant: str, versions: dict[str, str | None], message: str = "") -> bool:
-        if invariant != self.invariant or not all(_matches(spec.get(k), v) for k, v in self.cell.items()):
+        if invariant != self.invariant or not matches(spec, self.cell):
             return False
         if self.says and self.says not in message:
             return False
@@ -83,6 +81,10 @@ TODAY: list[Deviation] = [
     # 16-step cells; the 8-step resume cells end before the drift crosses the tolerance.
     Deviation({"zero_stage": 0, "dtype": "bf16", "optimizer": "adamw", "fault": None, "driver": ("engine", "trainer")},
               "parity_loss", ZERO0_BF16_FP16_OPTIMIZER, ZERO0_BF16),
+    # The drifted weights move the grad norm too, past the tolerance on some seeds only (LoRA seed 1:
+    # 0.184 > 0.15 at step 8; seed 0 within), hence not strict.
+    Deviation({"zero_stage": 0, "dtype": "bf16", "optimizer": "adamw", "fault": None, "driver": ("engine", "trainer")},
+              "parity_grad_norm", ZERO0_BF16_FP16_OPTIMIZER, ZERO0_BF16, strict=False),
     Deviation({"zero_stage": 0, "dtype": ("bf16", "fp16"), "driver": "resume", "fault": None}, "resume_matches", DS_019,
               "ZeRO-0 bf16/fp16 (FP16_Optimizer): after load_checkpoint the parameters differ from the "
               "uninterrupted run's from the first resumed update on, while loss and grad norm at the "
@@ -153,8 +155,9 @@ FINDINGS: list[Deviation] = [
                 {"deepspeed": ">=0.17.0,<0.18.4"}, ZERO2_BF16_GA, strict=False,
                 found_by="PENDING; first fixed deepspeed==0.18.4 (last bad 0.18.3)")
       for name in ("step0_grads", "parity_grad_norm", "parity_loss", "learns")),
-    Deviation({"zero_stage": (1, 2), "fault": None}, "completes", {"deepspeed": ">=0.18.7,<0.19.5"}, SPLIT_VIEW,
-              strict=False, says="Output 0 of Split is a view", found_by="first bad deepspeed==0.18.7 (0.18.6 completes); PENDING"),
+    Deviation({"zero_stage": (1, 2), "fault": None}, "completes", {"deepspeed": ">=0.18.7,<0.19.0"}, SPLIT_VIEW,
+              strict=False, says="Output 0 of Split is a view",
+              found_by="first bad deepspeed==0.18.7 (0.18.6 completes); first fixed 0.19.0 (last bad 0.18.9)"),
     *(Deviation(TRAINER_STOCK, name, {"transformers": ">=4.46.2,<5.10.1"}, TOKEN_COUNT, strict=False,
                 found_by="first fixed transformers==5.10.1, last bad 5.9.0; first bad 4.46.2 (GA 4), 4.46.1 good")
       for name in ("step0_grads", "parity_grad_norm", "logged_matches", "parity_loss")),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -31,6 +31,10 @@ class Fault:
     summary: str
     targets: tuple[str, ...]
     cell: dict[str, Any] = field(default_factory=dict)
+
+    def with_parameter(self, value: float) -> Fault:
+        """This fault at strength ``value`` (``name@value`` in a RunSpec); most faults have none."""
+        raise ValueError(f"fault {self.name!r} takes no parameter")
 
     def prepare_model(self, model: torch.nn.Module, spec: Any) -> torch.nn.Module:
         return model
@@ -137,6 +141,23 @@ class GradNotDividedByWorldSize(Fault):
 class GradTimesGradAccum(Fault):
     def backward(self, engine, loss):
         engine.backward(loss, scale_wrt_gas=False)
+
+
+@dataclass(frozen=True)
+class GradScale(Fault):
+    """Every reduced gradient scaled by 1 + eps: the footprint of a wrong divisor, a token count
+    off by a few, a normalisation done per micro-batch instead of over the batch (3-5 %). Run as
+    ``grad_scale@EPS`` to set eps; benchmarks/detection_floor.py finds the smallest each cell sees."""
+
+    eps: float = 0.1
+
+    def with_parameter(self, value: float) -> Fault:
+        if not value > 0:
+            raise ValueError(f"fault {self.name!r}: eps={value!r} must be positive")
+        return replace(self, name=f"{self.name.partition('@')[0]}@{value:g}", eps=value)
+
+    def on_reduced(self, reduced, local, index, rank, world_size):
+        reduced.mul_(1.0 + self.eps)
 
 
 class DropFirstBucket(Fault):
@@ -285,6 +306,10 @@ FAULTS: dict[str, Fault] = {
             "grad_times_ga", "accumulated gradients not divided by the accumulation steps",
             ("parity_grad_norm", "step0_grads"), dict(zero_stage=2, grad_accum=4, micro_batch=2),
         ),
+        GradScale(
+            "grad_scale", "every reduced gradient scaled by 1 + eps (default 0.1; grad_scale@EPS)",
+            ("parity_grad_norm", "step0_grads"), dict(zero_stage=1),
+        ),
         DropFirstBucket(
             "drop_bucket", "the first gradient bucket of every step is dropped from the reduction",
             ("parity_grad_norm", "step0_grads"), dict(zero_stage=2),
@@ -349,6 +374,17 @@ FAULTS: dict[str, Fault] = {
 
 
 def get_fault(name: str | None) -> Fault:
+    """The fault a RunSpec names: ``None``, a name of `FAULTS`, or ``name@value`` for a strength.
+    Raises KeyError for an unknown name and ValueError for a parameter the fault cannot take."""
     if name is None:
         return NoFault("none", "no fault", ())
-    return FAULTS[name]
+    base, at, value = name.partition("@")
+    if base not in FAULTS:
+        raise KeyError(f"unknown fault {base!r}; known: {sorted(FAULTS)}")
+    if not at:
+        return FAULTS[base]
+    try:
+        strength = float(value)
+    except ValueError:
+        raise ValueError(f"fault {name!r}: {value!r} is not a number") from None
+    return FAULTS[base].with_parameter(strength)

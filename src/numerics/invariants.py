@@ -36,11 +36,14 @@ class Verdict:
 
 Check = Callable[[Trace, Trace | None], Verdict]
 INVARIANTS: dict[str, Check] = {}
+PER_STEP: set[str] = set()  # invariants that read the step records, so need all of them
 
 
-def invariant(name: str) -> Callable[[Check], Check]:
+def invariant(name: str, per_step: bool = True) -> Callable[[Check], Check]:
     def register(check: Check) -> Check:
         INVARIANTS[name] = check
+        if per_step:
+            PER_STEP.add(name)
         return check
 
     return register
@@ -149,7 +152,9 @@ def assert_learns(trace: Trace, reference: Trace | None) -> Verdict:
 def _parity(trace: Trace, reference: Trace | None, name: str, field: str, rtol: float) -> Verdict:
     if reference is None:
         return _na(name, "no reference trace")
-    for record, ref in zip(_applied(trace), [reference.steps[r.step] for r in _applied(trace)]):
+    applied = _applied(trace)  # a reference built for a cell that skipped steps has one step per applied one
+    steps = reference.steps if len(reference.steps) == len(applied) else [reference.steps[r.step] for r in applied]
+    for record, ref in zip(applied, steps):
         value, expected = getattr(record, field), getattr(ref, field)
         if value is None or expected is None:
             return _na(name, f"{field} not recorded at step {record.step}")
@@ -173,7 +178,7 @@ def assert_parity_grad_norm(trace: Trace, reference: Trace | None) -> Verdict:
     return _parity(trace, reference, "parity_grad_norm", "grad_norm", _tolerance(trace).grad_rtol)
 
 
-@invariant("init_matches")
+@invariant("init_matches", per_step=False)
 def assert_init_matches(trace: Trace, reference: Trace | None) -> Verdict:
     """The cell starts from the reference's weights, bit for bit."""
     if reference is None or trace.init_checksum is None:
@@ -183,24 +188,43 @@ def assert_init_matches(trace: Trace, reference: Trace | None) -> Verdict:
     return _pass("init_matches")
 
 
-@invariant("step0_grads")
+def step0_scale(trace: Trace, reference: Trace) -> float:
+    """The least-squares scale of the cell's step-0 gradient along the reference's, over all parameters."""
+    along = sum(float(trace.step0_grads[n].reshape(-1).astype(np.float64) @ r.reshape(-1).astype(np.float64))
+                for n, r in reference.step0_grads.items())
+    return along / max(sum(float(np.square(r.astype(np.float64)).sum()) for r in reference.step0_grads.values()), 1e-300)
+
+
+@invariant("step0_grads", per_step=False)
 def assert_step0_grads(trace: Trace, reference: Trace | None) -> Verdict:
-    """At step 0, with identical weights, every parameter's full gradient matches the reference tightly."""
+    """At step 0, with identical weights, every parameter's full gradient matches the reference
+    tightly, and so does the gradient's overall scale.
+
+    Rounding in bf16 or fp16 moves each gradient by up to a few percent (relative L2), which
+    would hide a uniform scale error of that size; but rounding is nearly orthogonal to the
+    gradient, so the least-squares scale of the gradient along the reference's,
+    <g, g_ref> / <g_ref, g_ref> over all parameters, stays within a much tighter bound: a
+    wrong divisor or a per-micro-batch normalisation shows there first."""
     if reference is None or trace.step0_grads is None or reference.step0_grads is None:
         return _na("step0_grads", "no step-0 gradients")
     if trace.steps and trace.steps[0].skipped:
         return _na("step0_grads", "step 0 overflowed and was skipped")
-    rtol = _tolerance(trace).step0_grad_rtol
-    worst = ("", 0.0)
+    tol, worst = _tolerance(trace), ("", 0.0)
     for name, expected in reference.step0_grads.items():
         got = trace.step0_grads.get(name)
         if got is None:
             return _fail("step0_grads", trace, 0, f"no gradient for {name}")
         error = float(np.linalg.norm(got.reshape(-1) - expected.reshape(-1)) / max(np.linalg.norm(expected), 1e-30))
         worst = max(worst, (name, error), key=lambda item: item[1])
-    if worst[1] > rtol:
-        return _fail("step0_grads", trace, 0, f"gradient of {worst[0]} differs from the reference by {worst[1]:.3g} (relative L2) > {rtol:g}")
-    return _pass("step0_grads", f"worst {worst[0]} {worst[1]:.2g}")
+    scale = step0_scale(trace, reference)
+    if worst[1] > tol.step0_grad_rtol:
+        return _fail("step0_grads", trace, 0, f"gradient of {worst[0]} differs from the reference by {worst[1]:.3g} "
+                     f"(relative L2) > {tol.step0_grad_rtol:g}")
+    if not abs(scale - 1.0) <= tol.step0_scale_rtol:
+        return _fail("step0_grads", trace, 0, f"the gradient is {scale:.6g}x the reference's along its direction "
+                     f"(|scale - 1| {abs(scale - 1.0):.3g} > {tol.step0_scale_rtol:g}), every parameter within "
+                     f"{tol.step0_grad_rtol:g}: a uniform scale error (divisor, token count, normalisation)")
+    return _pass("step0_grads", f"worst {worst[0]} {worst[1]:.2g}; scale 1{scale - 1.0:+.2g}")
 
 
 @invariant("grad_norm_agrees")
@@ -253,7 +277,7 @@ def _needs(trace: Trace, name: str, *keys: str) -> Verdict | None:
     return _na(name, f"not a LoRA cell (no {', '.join(missing)})") if missing else None
 
 
-@invariant("adapter_dtype_policy")
+@invariant("adapter_dtype_policy", per_step=False)
 def assert_adapter_dtype_policy(trace: Trace, reference: Trace | None) -> Verdict:
     """The tensors the optimizer steps are fp32: fp16 cannot hold Adam's eps (1e-8) or small updates."""
     if (na := _needs(trace, "adapter_dtype_policy", "stepped_dtypes")) is not None:
@@ -267,7 +291,7 @@ def assert_adapter_dtype_policy(trace: Trace, reference: Trace | None) -> Verdic
     return _pass("adapter_dtype_policy", f"steps {stepped}")
 
 
-@invariant("frozen_base_unchanged")
+@invariant("frozen_base_unchanged", per_step=False)
 def assert_frozen_base_unchanged(trace: Trace, reference: Trace | None) -> Verdict:
     """Frozen base weights are bit-identical after training to what they were after initialize."""
     if (na := _needs(trace, "frozen_base_unchanged", "frozen_checksum_start", "frozen_checksum_end")) is not None:
@@ -291,7 +315,7 @@ def assert_adapters_learn(trace: Trace, reference: Trace | None) -> Verdict:
     return _pass("adapters_learn")
 
 
-@invariant("merged_logits_match")
+@invariant("merged_logits_match", per_step=False)
 def assert_merged_logits_match(trace: Trace, reference: Trace | None) -> Verdict:
     """Merging the adapters into the base gives the unmerged logits within the dtype's tolerance."""
     if (na := _needs(trace, "merged_logits_match", "merge_logits_rel_error")) is not None:
@@ -440,8 +464,27 @@ def assert_logged_matches(trace: Trace, reference: Trace | None) -> Verdict:
     return _pass("logged_matches", f"{compared} figures match" + (f" ({declared})" if declared else ""))
 
 
+def missing_evidence(trace: Trace) -> str | None:
+    """Why the trace holds too few steps for a per-step invariant to mean anything, or None.
+
+    Every step the spec asks for must be there, and enough of them applied: a trace of 2 of 16
+    steps, or of 16 fp16 steps all skipped, would pass parity and ``finite`` with next to nothing
+    compared."""
+    asked = trace.spec.get("steps")
+    if asked is not None and len(trace.steps) != asked:
+        return f"the trace has {len(trace.steps)} steps, the cell asks for {asked}"
+    applied, needed = len(_applied(trace)), math.ceil(THRESHOLDS.min_applied_fraction * len(trace.steps))
+    if applied < needed:
+        return (f"only {applied} of {len(trace.steps)} steps applied an update (the rest skipped on fp16 "
+                f"overflow); at least {needed} ({THRESHOLDS.min_applied_fraction:.0%}) are needed")
+    return None
+
+
 def check(trace: Trace, reference: Trace | None, names: tuple[str, ...]) -> list[Verdict]:
+    """Each named invariant's verdict; the per-step ones fail together when the trace is too short."""
     unknown = sorted(set(names) - set(INVARIANTS))
     if unknown:
         raise KeyError(f"unknown invariants {unknown}; known: {sorted(INVARIANTS)}")
-    return [INVARIANTS[name](trace, reference) for name in names]
+    short = missing_evidence(trace)
+    return [_fail(name, trace, None, f"{short}: nothing to compare") if short and name in PER_STEP
+            else INVARIANTS[name](trace, reference) for name in names]

@@ -164,9 +164,20 @@ def cells(full: bool = False, pattern: str | None = None) -> list[RunSpec]:
     return specs
 
 
-def fault_cell(fault: Fault, clean: bool = False) -> RunSpec:
-    """The cell a fault runs in; its clean twin has no fault (and the default timeout)."""
-    spec = RunSpec(**fault.cell, fault=fault.name)
+# Every fault runs at each of these precisions: a check that catches a fault in fp32 may not in
+# bf16, whose tolerances are ~1000x wider.
+FAULT_PRECISIONS = ("fp32", "bf16")
+
+
+def fault_cell(fault: Fault, clean: bool = False, precision: str = "fp32") -> RunSpec:
+    """The cell a fault runs in; its clean twin has no fault (and the default timeout).
+
+    At ``precision="bf16"`` DeepSpeed runs bf16, or, for a LoRA fault whose cell loads its base
+    in a low precision with DeepSpeed's off (the PEFT incident), the base is loaded in bf16."""
+    cell = dict(fault.cell)
+    if precision != "fp32":
+        cell |= {"base_dtype": precision} if cell.get("base_dtype", "fp32") != "fp32" else {"dtype": precision}
+    spec = RunSpec(**cell, fault=fault.name)
     return spec.with_(fault=None, timeout_s=RunSpec.timeout_s) if clean else spec
 
 

@@ -8,9 +8,14 @@ A cell trains step ``s`` on the stream's global batch ``s``, unless its trace
 records other samples (``meta["step_samples"]``: a Trainer's own random sampler
 deals the whole dataset): then the reference trains each step on exactly those
 samples, whose token mean is what a correct run computes whatever their order.
+
+A cell's ``ds_extra`` is part of its reference: the reference clips gradients and steps an lr
+schedule exactly as DeepSpeed would from the same keys, and any other key that can change the
+numbers still separates references, so two cells never share one they would not both compute.
 """
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,11 +46,30 @@ class ReferenceKey:
     workload: str
     lora: bool
     step_samples: tuple[tuple[int, ...], ...] | None = None  # sample ids per step; None: the stream's own batches
+    ds_extra: str = "{}"  # the cell's extra DeepSpeed keys that can change the numbers, as sorted JSON
 
     @classmethod
     def of(cls, spec: RunSpec, step_samples: Sequence[Sequence[int]] | None = None) -> ReferenceKey:
         return cls(spec.model, spec.optimizer, spec.lr, spec.steps, spec.seed, spec.seq_len, spec.global_batch, spec.workload, spec.lora,
-                   _unless_stream_order(step_samples, spec.global_batch))
+                   _unless_stream_order(step_samples, spec.global_batch), _numeric_extra(spec.ds_extra))
+
+
+# DeepSpeed keys that only log or profile: a cell's ds_extra may set them and share the reference.
+INERT_DS_KEYS = ("steps_per_print", "wall_clock_breakdown", "dump_state", "flops_profiler", "comms_logger",
+                 "tensorboard", "wandb", "csv_monitor")
+
+
+def _numeric_extra(ds_extra: str) -> str:
+    return json.dumps({k: v for k, v in json.loads(ds_extra).items() if k not in INERT_DS_KEYS}, sort_keys=True)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: dict | None) -> object | None:
+    """DeepSpeed's own lr scheduler class from a ``scheduler`` config block, on the reference's optimizer."""
+    if config is None:
+        return None
+    from deepspeed.runtime import lr_schedules  # late: only cells with a schedule pay the import
+
+    return getattr(lr_schedules, config["type"])(optimizer, **config.get("params", {}))
 
 
 def _unless_stream_order(step_samples: Sequence[Sequence[int]] | None, size: int) -> tuple[tuple[int, ...], ...] | None:
@@ -69,8 +93,27 @@ def single_thread() -> Iterator[None]:
 
 
 def reference_trace(spec: RunSpec, trace: Trace | None = None) -> Trace:
-    """The reference of ``spec``, on the samples ``trace`` recorded per step where it recorded them."""
-    return _reference(ReferenceKey.of(spec, trace.meta.get("step_samples") if trace is not None else None))
+    """The reference of ``spec``, on the samples ``trace`` recorded per step where it recorded
+    them, and on the batches of its applied steps only where it skipped some: its step i is
+    then the cell's i-th applied step (see `applied_samples`)."""
+    return _reference(ReferenceKey.of(spec, applied_samples(spec, trace) if trace is not None else None))
+
+
+def applied_samples(spec: RunSpec, trace: Trace) -> list[Sequence[int]] | None:
+    """The sample ids of each step of ``trace`` that applied an update.
+
+    After an fp16 overflow skip the cell is one update behind a reference that never skips: at
+    its next step it holds the weights the reference had a step earlier. A reference trained on
+    the applied steps' batches alone has, at its step i, taken exactly the updates the cell took
+    before its i-th applied step, on the same batches: the two compare step for step."""
+    recorded = trace.meta.get("step_samples")
+    if all(not record.skipped for record in trace.steps):
+        return recorded
+    epoch = trace.meta.get("batches_per_epoch")  # a finite dataset: the stream's first batches, again
+    size = spec.global_batch
+    samples = recorded or [range((s % epoch if epoch else s) * size, ((s % epoch if epoch else s) + 1) * size)
+                           for s in range(len(trace.steps))]
+    return [samples[record.step] for record in trace.steps if not record.skipped]
 
 
 @cache
@@ -89,18 +132,24 @@ def _reference(key: ReferenceKey) -> Trace:
                       meta={"driver": "plain torch, fp32, one process"})
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         optimizer = build_optimizer(spec, iter(trainable.values()))
+        extra = json.loads(key.ds_extra)
+        scheduler, clip = _scheduler(optimizer, extra.get("scheduler")), extra.get("gradient_clipping", 0.0)
         for step in range(spec.steps if key.step_samples is None else len(key.step_samples)):
             batch = workload.step_batch(spec, step) if key.step_samples is None else workload.batch_of(spec, key.step_samples[step])
             optimizer.zero_grad(set_to_none=True)
             loss = workload.loss(model(**batch), batch, spec)
             loss.backward()
-            grads = {n: p.grad.detach().clone() for n, p in trainable.items()}
-            before = [p.detach().clone() for p in model.parameters()]
+            grads = {n: p.grad.detach().clone() for n, p in trainable.items()}  # before clipping, as DeepSpeed reports
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(list(trainable.values()), clip)
+            before, lr = [p.detach().clone() for p in model.parameters()], optimizer.param_groups[0]["lr"]
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             after = [p.detach().clone() for p in model.parameters()]
             trace.steps.append(StepRecord(
                 step=step, loss=loss.item(), grad_norm=norm(list(grads.values())),
-                lr=spec.lr, update_norm=norm([a - b for a, b in zip(after, before)]), param_norm=norm(after),
+                lr=lr, update_norm=norm([a - b for a, b in zip(after, before)]), param_norm=norm(after),
                 param_checksums=[tensor_checksum(after)], oracle_loss=workload.oracle_loss(batch),
                 supervised_tokens=workload.supervised_tokens(batch),
             ))

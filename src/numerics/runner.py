@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from numerics import deviations
+from numerics.expected_na import judge_na
 from numerics.invariants import Verdict, check
 from numerics.launcher import CellOutcome, RankPool
 from numerics.platform import package_versions
@@ -65,7 +66,8 @@ def evaluate(outcome: CellOutcome) -> CellResult:
         deviations.apply(verdicts, outcome.spec.to_dict(), package_versions())
         return CellResult(outcome, verdicts)
     trace = outcome.trace
-    verdicts = [Verdict("completes", "pass")] + check(trace, reference_trace(outcome.spec, trace), outcome.spec.invariants)
+    checked = check(trace, reference_trace(outcome.spec, trace), outcome.spec.invariants)
+    verdicts = [Verdict("completes", "pass")] + judge_na(checked, outcome.spec)
     deviations.apply(verdicts, trace.spec, trace.meta.get("versions") or package_versions())
     return CellResult(outcome, verdicts)
 

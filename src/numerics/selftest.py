@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from numerics.faults import FAULTS, Fault
-from numerics.matrix import fault_cell
+from numerics.matrix import FAULT_PRECISIONS, fault_cell
 from numerics.runner import CellResult, PoolSet
 
 
@@ -35,22 +35,27 @@ class DetectionRow:
         return self.detected and self.clean.status != "fail"
 
 
-def run_selftest(backend: str | None, console: Console, names: list[str] | None = None) -> list[DetectionRow]:
+def run_selftest(backend: str | None, console: Console, names: list[str] | None = None,
+                 precisions: tuple[str, ...] = FAULT_PRECISIONS) -> list[DetectionRow]:
     rows = []
     with PoolSet(backend) as pools:
         for name in names or list(FAULTS):
             fault = FAULTS[name]
-            console.print(f"fault {name}: {fault.summary}", highlight=False)
-            rows.append(DetectionRow(fault, pools.run(fault_cell(fault)), pools.run(fault_cell(fault, clean=True))))
+            for precision in precisions:
+                console.print(f"fault {name} ({precision}): {fault.summary}", highlight=False)
+                rows.append(DetectionRow(fault, pools.run(fault_cell(fault, precision=precision)),
+                                         pools.run(fault_cell(fault, clean=True, precision=precision))))
     return rows
 
 
 def detection_table(rows: list[DetectionRow]) -> Table:
     table = Table(title="Fault detection")
-    for column in ("fault", "cell", "targets", "invariants that fired", "detected", "clean twin"):
+    for column in ("fault", "precision", "cell", "targets", "invariants that fired", "detected", "clean twin"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row.fault.name, row.faulty.spec.with_(fault=None).cell_id, ", ".join(row.fault.targets),
+        spec = row.faulty.spec
+        precision = spec.dtype + (f", LoRA on a {spec.base_dtype} base" if spec.lora else "")
+        table.add_row(row.fault.name, precision, spec.with_(fault=None).cell_id, ", ".join(row.fault.targets),
                       ", ".join(row.fired) or "-", "[green]yes[/]" if row.detected else "[bold red]NO[/]",
                       row.clean.status)
     return table

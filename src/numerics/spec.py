@@ -67,6 +67,12 @@ TRAINER_INVARIANTS = DEFAULT_INVARIANTS + ("logged_matches",)
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
+def matches(fields: dict[str, Any], pattern: dict[str, Any]) -> bool:
+    """Whether a cell's RunSpec fields match a pattern of fields, as the data tables write cells
+    (known deviations, expected n/a, unlogged figures): a tuple value means one of."""
+    return all(fields.get(k) in v if isinstance(v, tuple) else fields.get(k) == v for k, v in pattern.items())
+
+
 class SpecError(ValueError):
     """A RunSpec that cannot describe a sane run; the message says which field and why."""
 
@@ -237,9 +243,12 @@ class RunSpec:
         if unknown:
             raise SpecError(f"unknown invariant(s) {unknown}; known: {sorted(INVARIANTS)}")
         if self.fault is not None:
-            from numerics.faults import FAULTS  # late: faults import the training loop
+            from numerics.faults import get_fault  # late: faults import the training loop
 
-            one_of("fault", self.fault, tuple(FAULTS))
+            try:
+                get_fault(self.fault)
+            except (KeyError, ValueError) as err:
+                raise SpecError(str(err).strip('"')) from None
 
     # -- DeepSpeed config -------------------------------------------------------------
     def ds_config(self) -> dict[str, Any]:

@@ -55,7 +55,7 @@ from numerics.faults import EpochFault, Fault, LoggingFault, LossFault, Workload
 from numerics.invariants import LOGGED_FIGURES
 from numerics.label_mask import supervised_count
 from numerics.models import build_model, causal_lm_loss, tensor_checksum
-from numerics.spec import OPTIMIZER_DEFAULTS, RunSpec, SpecError
+from numerics.spec import OPTIMIZER_DEFAULTS, RunSpec, SpecError, matches
 from numerics.thresholds import THRESHOLDS
 from numerics.trace import Trace
 from numerics.train import measure_step
@@ -74,8 +74,7 @@ UNLOGGED: tuple[tuple[dict[str, Any], str, str], ...] = (
 
 def unlogged(spec: RunSpec) -> dict[str, str]:
     """The figures ``spec``'s cell declares its Trainer cannot log, with the reason."""
-    fields = spec.to_dict()
-    return {figure: why for cell, figure, why in UNLOGGED if all(fields[k] == v for k, v in cell.items())}
+    return {figure: why for cell, figure, why in UNLOGGED if matches(spec.to_dict(), cell)}
 
 
 def clipped_config(spec: RunSpec) -> dict[str, Any]:
