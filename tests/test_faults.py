@@ -2,14 +2,17 @@
 invariant it targets (not merely by ``finite``), and the same cell without it passes."""
 import pytest
 
-from numerics.faults import FAULTS
+from numerics.faults import FAULTS, UNDETECTED
 from numerics.matrix import FAULT_PRECISIONS, fault_cell
 
 pytestmark = pytest.mark.multigpu
 
+CASES = [pytest.param(name, precision, id=f"{name}-{precision}", marks=[
+             pytest.mark.xfail(strict=True, reason=UNDETECTED[name, precision])] if (name, precision) in UNDETECTED else [])
+         for name in FAULTS for precision in FAULT_PRECISIONS]
 
-@pytest.mark.parametrize("precision", FAULT_PRECISIONS)
-@pytest.mark.parametrize("name", list(FAULTS))
+
+@pytest.mark.parametrize("name, precision", CASES)
 def test_fault_is_caught_by_its_target(name, precision, run_cell):
     fault = FAULTS[name]
     faulty = run_cell(fault_cell(fault, precision=precision))

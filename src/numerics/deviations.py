@@ -69,8 +69,9 @@ ZERO3_GLOO_GATHER = (
     "Reproducer: repro/zero3_gathered_parameters.py --read step."
 )
 DS_019 = {"deepspeed": ">=0.19,<0.20"}
-# ZeRO-0 bf16 runs FP16_Optimizer in bf16 mode (BF16_Optimizer before); bisect: see ZERO0_BF16_ACCESSOR.
-ZERO0_BF16_FP16_OPTIMIZER = {"deepspeed": ">=0.17.0,<0.20"}
+# ZeRO-0 bf16 runs FP16_Optimizer in bf16 mode from 0.17.6 (BF16_Optimizer before, see
+# ZERO0_BF16_ACCESSOR): the loss drift shows on 0.17.6 and passes on 0.17.2, 0.17.4 and 0.17.5.
+ZERO0_BF16_FP16_OPTIMIZER = {"deepspeed": ">=0.17.6,<0.20"}
 
 TODAY: list[Deviation] = [
     *(Deviation({"zero_stage": 0, "dtype": "fp16", "fault": None}, name, DS_019, ZERO0_FP16)
@@ -98,7 +99,7 @@ TODAY: list[Deviation] = [
 # range bisected with numerics bisect (found_by). Closed ranges: their fix is known, and which
 # invariants show depends on the cell (SGD stops learning, Adam does not), so not strict.
 ZERO0_BF16_ACCESSOR = (
-    "ZeRO-0 bf16 before 0.17 (BF16_Optimizer): deepspeed.utils.safe_get_full_grad returns this rank's "
+    "ZeRO-0 bf16 before 0.17.6 (BF16_Optimizer): deepspeed.utils.safe_get_full_grad returns this rank's "
     "bf16 gradient before the all-reduce, not the reduced fp32 one: what a user (and Numerics) reads "
     "is wrong (relative L2 1.09; norm 1.28 vs 1.05) while the engine's own norm (1.04863) and training "
     "match the reference."
@@ -144,16 +145,17 @@ NO_SYNC_STEP = (
 TRAINER_STOCK = {"driver": ("trainer", "trainer_epochs"), "trainer_loss": "stock", "fault": None}
 
 FINDINGS: list[Deviation] = [
-    *(Deviation({"zero_stage": 0, "dtype": "bf16", "fault": None}, name, {"deepspeed": "<0.17.0"}, ZERO0_BF16_ACCESSOR,
-                strict=False, found_by="PENDING")
+    *(Deviation({"zero_stage": 0, "dtype": "bf16", "fault": None}, name, {"deepspeed": "<0.17.6"}, ZERO0_BF16_ACCESSOR,
+                strict=False, found_by="first fixed deepspeed==0.17.6, last bad 0.17.5 (numerics run --pin on "
+                "0.16.9, 0.17.2, 0.17.4, 0.17.5, 0.17.6; the bisect skips 0.17.6, which fails parity_loss too)")
       for name in ("step0_grads", "parity_grad_norm", "grad_norm_agrees")),
     *(Deviation({"zero_stage": 1, "grad_accum": (2, 4), "fault": None}, name, {"deepspeed": ">=0.18.3,<0.19.6"},
                 ZERO1_GA_SCALE, strict=False,
                 found_by="first bad deepspeed==0.18.3 (last good 0.18.2); first fixed 0.19.6 (last bad 0.19.5)")
       for name in ("step0_grads", "parity_grad_norm", "parity_loss", "learns")),
     *(Deviation({"zero_stage": 2, "dtype": "bf16", "grad_accum": (2, 4), "fault": None}, name,
-                {"deepspeed": ">=0.17.0,<0.18.4"}, ZERO2_BF16_GA, strict=False,
-                found_by="PENDING; first fixed deepspeed==0.18.4 (last bad 0.18.3)")
+                {"deepspeed": ">=0.17.6,<0.18.4"}, ZERO2_BF16_GA, strict=False,
+                found_by="first bad deepspeed==0.17.6 (last good 0.17.5); first fixed 0.18.4 (last bad 0.18.3)")
       for name in ("step0_grads", "parity_grad_norm", "parity_loss", "learns")),
     Deviation({"zero_stage": (1, 2), "fault": None}, "completes", {"deepspeed": ">=0.18.7,<0.19.0"}, SPLIT_VIEW,
               strict=False, says="Output 0 of Split is a view",

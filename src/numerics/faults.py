@@ -185,8 +185,8 @@ class LossyReduction(Fault):
     small ones flushed, the result still finite (the comm-dtype incident class)."""
 
     def on_reduced(self, reduced, local, index, rank, world_size):
-        scale = 2.0**20
-        lossy = (reduced * scale).clamp(-65504, 65504).to(torch.float16).to(reduced.dtype) / scale
+        scale = 2.0**20  # in fp32: a bf16 tensor cannot hold the clamp bound 65504 (it rounds to 65536 = inf in fp16)
+        lossy = (reduced.float() * scale).clamp(-65504, 65504).to(torch.float16).float() / scale
         reduced.copy_(lossy)
 
 
@@ -370,6 +370,16 @@ FAULTS: dict[str, Fault] = {
             ("logged_matches",), dict(driver="trainer", zero_stage=1, grad_accum=2, micro_batch=2, invariants=TRAINER_INVARIANTS),
         ),
     ]
+}
+
+
+# Faults no invariant catches yet at some precision, as measured; their tests are strict xfails,
+# so the check that closes a gap turns them green loudly. (fault, precision) -> what was seen.
+UNDETECTED: dict[tuple[str, str], str] = {
+    ("optimizer_reset_at_epoch", "bf16"): (
+        "bf16 epochs cell (ZeRO 0, 1 and 2 alike): after each reset the loss does not rise at the boundary "
+        "(jumps -0.12 ... -0.80 nats, fp32 +0.19) but the run drifts elsewhere, and the epochs cell holds no "
+        "parity invariant that would see it (its reference does not replay the finite dataset yet)"),
 }
 
 

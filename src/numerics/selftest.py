@@ -1,8 +1,10 @@
 """Detection power: every fault injected into a real run, and which invariants fired.
 
 A fault is detected when at least one invariant it targets fails on it; the
-same cell without the fault must pass. No fault may go undetected and no
-clean cell may fail.
+same cell without the fault must pass. Every fault runs at each precision of
+``matrix.FAULT_PRECISIONS``. No fault may go undetected, except a measured gap
+listed in ``faults.UNDETECTED`` (which must then stay undetected), and no clean
+cell may fail.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from numerics.faults import FAULTS, Fault
+from numerics.faults import FAULTS, UNDETECTED, Fault
 from numerics.matrix import FAULT_PRECISIONS, fault_cell
 from numerics.runner import CellResult, PoolSet
 
@@ -19,6 +21,7 @@ from numerics.runner import CellResult, PoolSet
 @dataclass
 class DetectionRow:
     fault: Fault
+    precision: str
     faulty: CellResult
     clean: CellResult
 
@@ -31,8 +34,13 @@ class DetectionRow:
         return bool(set(self.fired) & set(self.fault.targets))
 
     @property
+    def known_gap(self) -> str | None:
+        """Why this fault goes undetected at this precision, where that is measured and known."""
+        return UNDETECTED.get((self.fault.name, self.precision))
+
+    @property
     def ok(self) -> bool:
-        return self.detected and self.clean.status != "fail"
+        return self.detected != bool(self.known_gap) and self.clean.status != "fail"
 
 
 def run_selftest(backend: str | None, console: Console, names: list[str] | None = None,
@@ -43,7 +51,7 @@ def run_selftest(backend: str | None, console: Console, names: list[str] | None 
             fault = FAULTS[name]
             for precision in precisions:
                 console.print(f"fault {name} ({precision}): {fault.summary}", highlight=False)
-                rows.append(DetectionRow(fault, pools.run(fault_cell(fault, precision=precision)),
+                rows.append(DetectionRow(fault, precision, pools.run(fault_cell(fault, precision=precision)),
                                          pools.run(fault_cell(fault, clean=True, precision=precision))))
     return rows
 
@@ -55,7 +63,9 @@ def detection_table(rows: list[DetectionRow]) -> Table:
     for row in rows:
         spec = row.faulty.spec
         precision = spec.dtype + (f", LoRA on a {spec.base_dtype} base" if spec.lora else "")
+        detected = ("[bold red]yes, a known gap closed: update faults.UNDETECTED[/]" if row.known_gap else "[green]yes[/]") \
+            if row.detected else ("[yellow]no (known gap)[/]" if row.known_gap else "[bold red]NO[/]")
         table.add_row(row.fault.name, precision, spec.with_(fault=None).cell_id, ", ".join(row.fault.targets),
-                      ", ".join(row.fired) or "-", "[green]yes[/]" if row.detected else "[bold red]NO[/]",
+                      ", ".join(row.fired) or "-", detected,
                       row.clean.status)
     return table

@@ -35,7 +35,7 @@ TOLERANCES: dict[str, Tolerance] = {
         "<= 5.1e-5, grad norm <= 9e-4, step-0 gradient <= 1.4e-3, reported norm <= 1e-7; ~4x",
     ),
     "bf16": Tolerance(
-        loss_rtol=3e-3, grad_rtol=8e-2, step0_grad_rtol=4e-2, step0_scale_rtol=1.5e-3, grad_norm_agree_rtol=1e-4, logits_rtol=3e-2,
+        loss_rtol=3e-3, grad_rtol=8e-2, step0_grad_rtol=4e-2, step0_scale_rtol=2.5e-3, grad_norm_agree_rtol=1e-4, logits_rtol=3e-2,
         reason="8 mantissa bits (eps 7.8e-3), as compute or communication dtype: measured loss "
         "<= 8.1e-4, grad norm <= 2.1e-2, step-0 gradient <= 1e-2, reported norm <= 2.2e-7; ~4x",
     ),
@@ -45,8 +45,8 @@ TOLERANCES: dict[str, Tolerance] = {
 # step0_scale_rtol: the least-squares scale of the step-0 gradient along the reference's
 # (invariants.step0_scale) averages rounding away, so it bounds a uniform gradient error far
 # tighter than the per-parameter bound. Measured 2026-11-30 by benchmarks/detection_floor.py
-# (ZeRO 0-3, 5 seeds, clean cells): fp32 <= 1.7e-8 (1e-6), fp16 <= 5.6e-5 (3e-4), bf16 <= 3.3e-4
-# (1.5e-3), LoRA bf16 <= 3.8e-4 and LoRA fp16 <= LORAFP16 (2e-3); ~5x headroom.
+# (clean cells, ZeRO 0-3 x seeds 0-4): fp32 <= 1.7e-8 (bound 1e-6), fp16 <= 5.6e-5 (3e-4),
+# bf16 <= 8.1e-4 (2.5e-3), LoRA fp16 <= 9.4e-5 (5e-4), LoRA bf16 <= 1.1e-3 (3.5e-3): 3-5x.
 
 # LoRA cells, measured the same way over the 18 default LoRA cells (adapters on a random base
 # with lr 1e-2): the adapters are a small perturbation of the base, so rounding in the base
@@ -54,12 +54,12 @@ TOLERANCES: dict[str, Tolerance] = {
 LORA_TOLERANCES: dict[str, Tolerance] = {
     "fp32": TOLERANCES["fp32"],
     "fp16": Tolerance(
-        loss_rtol=6e-3, grad_rtol=9e-2, step0_grad_rtol=2.5e-2, step0_scale_rtol=2e-3, grad_norm_agree_rtol=1e-4, logits_rtol=1.5e-2,
+        loss_rtol=6e-3, grad_rtol=9e-2, step0_grad_rtol=2.5e-2, step0_scale_rtol=5e-4, grad_norm_agree_rtol=1e-4, logits_rtol=1.5e-2,
         reason="fp16 compute or fp16 base: measured loss <= 2.1e-3, grad norm <= 3.1e-2, step-0 adapter "
         "gradient <= 7.7e-3, merged logits <= 4.9e-3; ~3x",
     ),
     "bf16": Tolerance(
-        loss_rtol=6e-3, grad_rtol=0.15, step0_grad_rtol=6e-2, step0_scale_rtol=2e-3, grad_norm_agree_rtol=1e-4, logits_rtol=5e-2,
+        loss_rtol=6e-3, grad_rtol=0.15, step0_grad_rtol=6e-2, step0_scale_rtol=3.5e-3, grad_norm_agree_rtol=1e-4, logits_rtol=5e-2,
         reason="bf16 compute or bf16 base: measured loss <= 3.0e-3, grad norm <= 6e-2, merged logits "
         "<= 1.5e-2; 2-3x (ZeRO-0 bf16 at 9.8e-3 stays a known deviation)",
     ),
