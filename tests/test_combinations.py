@@ -1,6 +1,9 @@
 """The version matrix: axes parse or fail with exit 2, combinations are their product with the
 baseline first, and the combined table marks what failed and what only moved."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -54,3 +57,20 @@ def test_the_table_marks_a_failure_and_a_trace_that_only_moved(tmp_path):
     vm.write_matrix([base, new], rows, tmp_path / "results.json")
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["baseline"] == "peft==0.6.2" and data["cells"][0]["by_combination"]["peft==0.7.0"]["moved"]
+
+
+def pytest_in(*arguments: str, **variables: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *arguments],
+                          capture_output=True, text=True, env={**os.environ, **variables}, timeout=300)
+
+
+def test_pytest_version_matrix_refuses_bad_axes_with_exit_2():
+    done = pytest_in("--numerics-versions", "deepspeed", "tests/test_spec.py")
+    assert done.returncode == 2 and "malformed --versions" in done.stdout
+
+
+def test_inside_a_combination_every_cell_test_id_carries_it():
+    done = pytest_in("--collect-only", "-m", "multigpu", "-k", "zero1-fp32-ws2", "tests/test_matrix.py",
+                     NUMERICS_COMBINATION="peft==0.7.0-transformers==4.36.2")
+    ids = [line for line in done.stdout.splitlines() if "::" in line]
+    assert ids and all(line.endswith("-peft==0.7.0-transformers==4.36.2]") for line in ids), done.stdout

@@ -12,7 +12,8 @@ import urllib.request
 import pytest
 from packaging.version import Version
 
-from numerics.cli import inner_arguments, main
+from numerics.cli import main
+from numerics.versions.combinations import without_options
 from numerics.platform import package_versions
 from numerics.versions import environments
 from numerics.versions.cells import CANNOT_BUILD_EXIT, rank_versions
@@ -48,10 +49,10 @@ def test_pins_are_canonical_and_a_repeated_identical_pin_is_one():
 
 
 def test_run_pin_is_forwarded_without_its_pins():
-    argv = ["run", "--pin", "peft==0.7.0", "--cells", "zero1-*", "--pin=transformers==4.36.2", "--report", "r"]
-    assert inner_arguments(argv, ("--pin",)) == ["--cells", "zero1-*", "--report", "r"]
-    matrix = ["run", "--versions", "peft=0.6.2,0.7.0", "--strict", "--cells", "x", "--report=r", "--full"]
-    assert inner_arguments(matrix, ("--pin", "--versions", "--report", "--strict")) == ["--cells", "x", "--full"]
+    argv = ["--pin", "peft==0.7.0", "--cells", "zero1-*", "--pin=transformers==4.36.2", "--report", "r"]
+    assert without_options(argv, ("--pin",)) == ["--cells", "zero1-*", "--report", "r"]
+    matrix = ["--versions", "peft=0.6.2,0.7.0", "--strict", "--cells", "x", "--report=r", "--full"]
+    assert without_options(matrix, ("--pin", "--versions", "--report"), ("--strict",)) == ["--cells", "x", "--full"]
 
 
 def test_run_pin_names_the_versions_the_ranks_reported(tmp_path):

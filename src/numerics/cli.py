@@ -70,15 +70,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "fail" for r in results) else 0
 
 
+def run_arguments(args: argparse.Namespace) -> list[str]:
+    """What followed ``run`` on the command line, to forward to the run inside an environment."""
+    return args.argv[args.argv.index("run") + 1:]
+
+
 def run_with_pins(args: argparse.Namespace, specs: list[RunSpec], console: Console) -> int:
     """``run --pin``: the same run re-executed inside the pins' environment, so the ranks
     inherit it; exit 2 for bad pins, 3 when the environment cannot be built."""
     from numerics.versions.cells import run_pinned
+    from numerics.versions.combinations import without_options
     from numerics.versions.resolve import BadPins, parse_pins
 
     try:
-        return run_pinned(parse_pins(args.pin), inner_arguments(args.argv, ("--pin",)), specs, Path(args.report),
-                          console)
+        return run_pinned(parse_pins(args.pin), without_options(run_arguments(args), ("--pin",)), specs,
+                          Path(args.report), console)
     except BadPins as err:
         console.print(f"error: {err}", highlight=False)
         return 2
@@ -86,7 +92,8 @@ def run_with_pins(args: argparse.Namespace, specs: list[RunSpec], console: Conso
 
 def run_version_matrix(args: argparse.Namespace, specs: list[RunSpec], console: Console) -> int:
     """``run --versions``: every combination in its environment, then one table; exit 2 for bad input."""
-    from numerics.versions.combinations import combinations, parse_axes, run_matrix
+    from numerics.versions.cells import run_pinned
+    from numerics.versions.combinations import combinations, parse_axes, run_matrix, without_options
     from numerics.versions.resolve import BadPins
 
     try:
@@ -95,23 +102,12 @@ def run_version_matrix(args: argparse.Namespace, specs: list[RunSpec], console: 
         console.print(f"error: {err}", highlight=False)
         return 2
     console.print(f"{len(combos)} combinations x {len(specs)} cells; baseline: {' '.join(map(str, combos[0]))}")
-    arguments = inner_arguments(args.argv, ("--pin", "--versions", "--report", "--strict"))
-    return run_matrix(combos, arguments, specs, Path(args.report), args.strict, console)
+    arguments = without_options(run_arguments(args), ("--pin", "--versions", "--report"), ("--strict",))
 
+    def run_one(combo: tuple, directory: Path) -> int:
+        return run_pinned(combo, [*arguments, "--report", str(directory)], specs, directory, console)
 
-def inner_arguments(argv: list[str], dropped: tuple[str, ...]) -> list[str]:
-    """``run``'s arguments less the ``dropped`` options (``--x V``, ``--x=V``; ``--strict`` takes
-    no value), for the run inside an environment."""
-    kept, skip = [], False
-    for argument in argv[argv.index("run") + 1:]:
-        name = argument.split("=", 1)[0]
-        if skip:
-            skip = False
-        elif name in dropped:
-            skip = "=" not in argument and name != "--strict"
-        else:
-            kept.append(argument)
-    return kept
+    return run_matrix(combos, run_one, [spec.cell_id for spec in specs], Path(args.report), args.strict, console)
 
 
 def cmd_env(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import pytest
 from numerics import golden
 from numerics.runner import CANNOT, CellResult, PoolSet
 from numerics.spec import RunSpec
+from numerics.versions.cells import COMBINATION_ENV
 
 RESULTS_KEY = pytest.StashKey[list]()
 POOLS_KEY = pytest.StashKey[PoolSet]()
@@ -26,6 +27,54 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--numerics-full", action="store_true", help="the full matrix product instead of the covering subset")
     group.addoption("--numerics-golden", metavar="DIR", default=None,
                     help="compare every cell's trace with its golden in DIR (numerics golden record)")
+    group.addoption("--numerics-versions", metavar="PKG=V1,V2", action="append", default=[],
+                    help="run the selection in every combination of these releases (repeatable), each in its "
+                         "environment, the combination in the test ids; one combined table and results.json")
+    group.addoption("--numerics-pin", metavar="PKG==V", action="append", default=[],
+                    help="with --numerics-versions: held in every combination (repeatable)")
+    group.addoption("--numerics-strict", action="store_true",
+                    help="with --numerics-versions: a trace that moved against the first combination fails")
+
+
+# The version-matrix options: the outer session consumes them, the sessions inside each environment never see them.
+MATRIX_OPTIONS, MATRIX_FLAGS = ("--numerics-versions", "--numerics-pin", "--numerics-report"), ("--numerics-strict",)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    """With ``--numerics-versions``: run this same pytest once per combination inside its
+    environment (`numerics.versions.combinations`), instead of here; exit 2 on bad input."""
+    if not config.getoption("numerics_versions") or os.environ.get(COMBINATION_ENV):
+        return None
+    from rich.console import Console
+
+    from numerics.versions.cells import run_pytest_pinned
+    from numerics.versions.combinations import combinations, parse_axes, run_matrix, without_options
+    from numerics.versions.resolve import BadPins
+
+    console = Console()
+    try:
+        combos = combinations(parse_axes(config.getoption("numerics_versions")), config.getoption("numerics_pin"))
+    except BadPins as err:
+        console.print(f"error: {err}", highlight=False)
+        return 2
+    arguments = without_options(list(config.invocation_params.args), MATRIX_OPTIONS, MATRIX_FLAGS)
+    report = Path(config.getoption("numerics_report") or "reports/versions")
+    return run_matrix(combos, lambda combo, directory: run_pytest_pinned(combo, arguments, directory, console),
+                      None, report, config.getoption("numerics_strict"), console)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Inside a version-matrix session, every test that runs cells carries the combination in its id."""
+    combination = os.environ.get(COMBINATION_ENV)
+    if combination and "numerics_combination" in metafunc.fixturenames:
+        metafunc.parametrize("numerics_combination", [combination], ids=[combination])
+
+
+@pytest.fixture
+def numerics_combination() -> str | None:
+    """The release combination this session runs in (``--numerics-versions``), or None."""
+    return os.environ.get(COMBINATION_ENV)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -48,7 +97,7 @@ def numerics_pools(request: pytest.FixtureRequest):
 
 
 @pytest.fixture
-def run_cell(numerics_pools: PoolSet, request: pytest.FixtureRequest):
+def run_cell(numerics_pools: PoolSet, numerics_combination: str | None, request: pytest.FixtureRequest):
     """Run a `RunSpec` through the pool; returns its `CellResult` (verdicts already evaluated)."""
 
     golden_dir = request.config.getoption("numerics_golden")

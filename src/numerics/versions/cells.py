@@ -45,6 +45,25 @@ def run_pinned(pins: tuple[Pin, ...], run_arguments: list[str], specs: list[Any]
     return returncode
 
 
+COMBINATION_ENV = "NUMERICS_COMBINATION"  # set inside a version-matrix pytest: the test ids carry it
+
+
+def run_pytest_pinned(pins: tuple[Pin, ...], pytest_arguments: list[str], report: Path, console: Console) -> int:
+    """``pytest PYTEST_ARGUMENTS --numerics-report REPORT`` inside the environment for ``pins``,
+    the combination in every test id; its exit code, or `CANNOT_BUILD_EXIT` with the reason."""
+    try:
+        environment = build(pins, console)
+    except CannotBuild as err:
+        console.print(f"cannot build {' '.join(map(str, pins))}: {err.reason}", highlight=False)
+        return CANNOT_BUILD_EXIT
+    environment.mark_used()
+    label = " ".join(map(str, pins))
+    console.print(f"running pytest in {environment.path} ({label})")
+    command = [str(environment.python), "-m", "pytest", *pytest_arguments, "--numerics-report", str(report)]
+    variables = {**environment.variables(), COMBINATION_ENV: label.replace(" ", "-")}
+    return subprocess.run(command, env=variables, cwd=str(REPO_ROOT)).returncode
+
+
 def rank_versions(results: Path) -> list[str]:
     """Each distinct set of versions the ranks reported in a ``results.json``, as text."""
     try:

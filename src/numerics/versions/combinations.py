@@ -13,14 +13,14 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
 
 from numerics import golden
 from numerics.trace import Trace
-from numerics.versions.cells import CANNOT_BUILD_EXIT, run_pinned
+from numerics.versions.cells import CANNOT_BUILD_EXIT
 from numerics.versions.resolve import BadPins, Pin, check_published, parse_pins
 
 NON_FINITE = ("nan", "inf", "-inf")  # how report.finite_json writes them
@@ -67,25 +67,43 @@ class Column:
         return "_".join(f"{pin.name}-{pin.version}" for pin in self.combination)
 
 
-def run_matrix(combos: list[tuple[Pin, ...]], run_arguments: list[str], specs: list[Any], report: Path,
-               strict: bool, console: Console) -> int:
-    """Run every combination, then write the combined table and ``results.json``. Exit 1 if
-    a cell failed (or moved, under ``strict``), 3 if no combination could be built, else 0."""
+def without_options(arguments: list[str], dropped: tuple[str, ...], flags: tuple[str, ...] = ()) -> list[str]:
+    """``arguments`` less the ``dropped`` options (``--x V`` or ``--x=V``; those in ``flags`` take
+    no value): what the run inside each combination's environment is given."""
+    kept, skip = [], False
+    for argument in arguments:
+        name = argument.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif name in dropped or name in flags:
+            skip = "=" not in argument and name not in flags
+        else:
+            kept.append(argument)
+    return kept
+
+
+def run_matrix(combos: list[tuple[Pin, ...]], run_one: Callable[[tuple[Pin, ...], Path], int], cells: list[str] | None,
+               report: Path, strict: bool, console: Console) -> int:
+    """Run every combination (``run_one(combination, its report directory)`` returns its exit
+    code), then write the combined table and ``results.json`` over ``cells`` (None: every cell
+    any combination ran). Exit 1 if a cell failed (or moved, under ``strict``), 3 if no
+    combination could be built, else 0."""
     columns = []
     for number, combo in enumerate(combos, 1):
         column = Column(combo, 0)
         directory = report / column.directory_name
         console.rule(f"combination {number}/{len(combos)}: {label(combo)}")
-        column.exit = run_pinned(combo, [*run_arguments, "--report", str(directory)], specs, directory, console)
+        column.exit = run_one(combo, directory)
         column.cells = _cell_records(directory / "results.json")
         columns.append(column)
-    rows = compare_columns(columns, [spec.cell_id for spec in specs])
+    rows = compare_columns(columns, cells if cells is not None else list(dict.fromkeys(c for col in columns for c in col.cells)))
     console.print(matrix_table(columns, rows))
     write_matrix(columns, rows, report / "results.json")
     console.print(f"wrote {report}/results.json (and one report per combination beside it)")
     if all(column.exit == CANNOT_BUILD_EXIT for column in columns):
         return CANNOT_BUILD_EXIT
-    failed = any(entry["status"] == "fail" for row in rows.values() for entry in row)
+    failed = any(column.exit not in (0, 1, CANNOT_BUILD_EXIT) for column in columns) or \
+        any(entry["status"] == "fail" for row in rows.values() for entry in row)
     moved = any(entry["moved"] for row in rows.values() for entry in row)
     return 1 if failed or (strict and moved) else 0
 
