@@ -30,9 +30,14 @@ at_version() {
 
 at_version torch "$TORCH_VERSION" || pip_install "torch==$TORCH_VERSION"
 at_version deepspeed "$DEEPSPEED_VERSION" || DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
-if ! "$VPY" -c "import numerics, pytest, peft, accelerate, uv" 2>/dev/null; then
+if ! "$VPY" -c "import numerics, pytest, peft, accelerate, uv, matplotlib" 2>/dev/null || [ ! -x .venv/bin/actionlint ]; then
     echo "installing numerics[test]"
     pip_install -e ".[test]"
 fi
 # DeepSpeed JIT-builds its CPU ops on first use; build them once here, before ranks start in parallel.
 .venv/bin/numerics prepare
+# The report test opens report.html in headless Chromium: Debian's package, never a browser download at run time.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing chromium (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi

@@ -9,6 +9,7 @@ from numerics import matrix
 from numerics.cli import main
 from numerics.faults import FAULTS
 from numerics.matrix import fault_cell
+from numerics.report_page import render
 from numerics.versions import bisect
 from numerics.versions.bisect import (ENDS_DO_NOT_DIFFER, END_NOT_JUDGED, FOUND, ONLY_SKIPPED_LEFT, RecordCache,
                                       Request, judge_records, search)
@@ -175,6 +176,8 @@ def test_bisect_names_the_first_bad_release_skips_what_cannot_build_and_reuses_i
     assert data["reproduce"][0] == f"numerics run --pin peft==0.7.1 --pin transformers==4.36.2 --full --cells {TWIN.cell_id}"
     lines = bisect.summary_lines(data)
     assert lines[:2] == ["first bad: peft==0.7.1", "last good: peft==0.7.0"] and "skipped: 0.6.2" in lines
+    page = render(data)  # report.html: the last good and first bad release's losses overlaid
+    assert "peft==0.7.1" in page and page.count("data:image/png;base64,") == 1
     ran_once = list(fake_releases.ran)
     found_again, judge_again = bisect.bisect(request, console, cache)
     assert (found_again.first_bad, fake_releases.ran) == ("0.7.1", ran_once)  # every record came from the cache

@@ -82,3 +82,17 @@ def test_a_crash_of_a_bisected_release_is_judged_by_the_runner():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("numerics.runner.package_versions", lambda: {"deepspeed": "0.18.7"})
         assert evaluate(outcome).status == "xfail"
+
+
+def test_a_bf16_cell_on_a_gpu_without_bf16_cannot_run(monkeypatch):
+    import torch
+
+    from numerics.cells import require_bf16_on_gpu
+    from numerics.versions.compat import Unsupported
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla V100")
+    with pytest.raises(Unsupported, match="Tesla V100 has no bf16"):
+        require_bf16_on_gpu(RunSpec(dtype="fp16", comm_dtype="bf16"), {"backend": "nccl"})
+    require_bf16_on_gpu(RunSpec(dtype="fp16"), {"backend": "nccl"})  # fp16 needs nothing on a GPU
+    require_bf16_on_gpu(RunSpec(dtype="bf16"), {"backend": "gloo"})  # torch computes bf16 on any CPU

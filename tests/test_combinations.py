@@ -57,6 +57,8 @@ def test_the_table_marks_a_failure_and_a_trace_that_only_moved(tmp_path):
     vm.write_matrix([base, new], rows, tmp_path / "results.json")
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["baseline"] == "peft==0.6.2" and data["cells"][0]["by_combination"]["peft==0.7.0"]["moved"]
+    page = (tmp_path / "report.html").read_text()  # combinations side by side
+    assert "<th>peft==0.7.0</th>" in page and "moved at step 1" in page
 
 
 def pytest_in(*arguments: str, **variables: str) -> subprocess.CompletedProcess:

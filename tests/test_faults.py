@@ -3,13 +3,13 @@ invariant it targets (not merely by ``finite``), and the same cell without it pa
 import pytest
 
 from numerics.faults import FAULTS, UNDETECTED
-from numerics.matrix import FAULT_PRECISIONS, fault_cell
+from numerics.matrix import fault_cell, fault_precisions
 
 pytestmark = pytest.mark.multigpu
 
 CASES = [pytest.param(name, precision, id=f"{name}-{precision}", marks=[
              pytest.mark.xfail(strict=True, reason=UNDETECTED[name, precision])] if (name, precision) in UNDETECTED else [])
-         for name in FAULTS for precision in FAULT_PRECISIONS]
+         for name, fault in FAULTS.items() for precision in fault_precisions(fault)]
 
 
 @pytest.mark.parametrize("name, precision", CASES)

@@ -1,5 +1,9 @@
 """The rank pool: cells after a fault or a failure run as in a fresh spawn, bit for bit;
-a hung cell fails within its timeout with every rank's stacks; fp32 is reproducible."""
+a hung cell fails within its timeout with every rank's stacks, a killed rank within seconds;
+fp32 is reproducible; a closed pool leaves no process behind."""
+import os
+from pathlib import Path
+
 import pytest
 
 from numerics.launcher import RankPool
@@ -42,6 +46,43 @@ def test_hung_cell_fails_within_timeout_with_stacks(run_cell):
     assert hung.outcome.wall_s < 15.0 + 5.0
     assert "rank 0 stacks" in hung.outcome.error and "on_reduced" in hung.outcome.error, hung.outcome.error
     assert run_cell(PROBE).status == "pass"
+
+
+def test_killed_rank_fails_its_cell_at_once_naming_the_signal(run_cell):
+    killed = run_cell(PROBE.with_(fault="rank_killed", timeout_s=120.0))
+    error = killed.outcome.error
+    assert killed.status == "fail" and not killed.outcome.timed_out, error
+    assert killed.outcome.wall_s < 15.0, f"a dead rank was noticed only after {killed.outcome.wall_s:.0f}s (timeout 120s)"
+    assert "rank 0 died: killed by signal SIGKILL" in error, error
+    assert "rank 1" in error, f"the survivor's traceback or stacks come along:\n{error}"
+    assert run_cell(PROBE).status == "pass"
+
+
+def children() -> dict[int, str]:
+    """This process's child processes, pid -> "name (state)", from /proc: psutil is not a dependency."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited while we looked
+            continue
+        name, _, rest = text.rpartition(")")  # the name may hold spaces and parentheses
+        state, ppid = rest.split()[:2]
+        if int(ppid) == os.getpid():
+            found[int(stat.parent.name)] = f"{name.partition('(')[2]} ({state})"
+    return found
+
+
+def test_a_closed_pool_leaves_no_process_behind():
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # multiprocessing's own helper: one per parent, for its lifetime, by design
+    before = children()
+    with RankPool(PROBE.world_size) as pool:
+        assert pool.run(PROBE).ok
+        assert set(children()) - set(before), "the pool's ranks run as children of this process"
+    left = {pid: what for pid, what in children().items() if pid not in before}
+    assert not left, f"still running after the pool closed: {left}"
 
 
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "hung_in_a_cell"])

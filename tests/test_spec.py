@@ -66,7 +66,7 @@ def test_cell_ids_are_readable(fields, cell_id):
 
 
 def family_cells(family):
-    return [matrix._fix_batch({**family.base, **axes}) for axes in matrix.covering_subset(family)]
+    return [matrix.fixed_batch({**family.base, **axes}) for axes in matrix.covering_subset(family)]
 
 
 def pairs(cell, names):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,10 +12,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from numerics import golden, matrix
-from numerics.report import finite_json, print_report, write_report
-from numerics.runner import CellResult, PoolSet
+from numerics import golden, matrix, shard
+from numerics.launched import add_arguments as add_launched_arguments
+from numerics.report import print_report, write_report
+from numerics.runner import CellResult, PoolSet, interrupt_on_sigterm
 from numerics.spec import RunSpec
+
+
+INTERRUPTED_EXIT = 130  # as a shell reports a command ended by Ctrl-C
 
 
 def make_console() -> Console:
@@ -27,23 +32,32 @@ def run_cells(specs: list[RunSpec], backend: str | None, console: Console) -> li
     """Run cells with a progress bar that names the cell in flight and the verdict of each."""
     results: list[CellResult] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    interrupt_on_sigterm()
     with Progress(*columns, console=console, transient=False) as progress, PoolSet(backend) as pools:
         task = progress.add_task("matrix", total=len(specs))
-        for spec in sorted(specs, key=lambda s: s.world_size):
-            progress.update(task, description=f"running {spec.cell_id}")
-            result = pools.run(spec)
-            results.append(result)
-            progress.console.print(f"{result.status:5s} {spec.cell_id}  ({result.outcome.wall_s:.1f}s)", highlight=False)
-            progress.advance(task)
+        try:
+            for spec in sorted(specs, key=lambda s: s.world_size):
+                progress.update(task, description=f"running {spec.cell_id}")
+                result = pools.run(spec)
+                results.append(result)
+                progress.console.print(f"{result.status:5s} {spec.cell_id}  ({result.outcome.wall_s:.1f}s)", highlight=False)
+                progress.advance(task)
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the report still holds what finished
+            progress.console.print(f"[bold yellow]interrupted ({stop or 'Ctrl-C'}) after {len(results)} of "
+                                   f"{len(specs)} cells[/]: the report holds those")
     return results
 
 
 def selected(args: argparse.Namespace, console: Console) -> list[RunSpec]:
-    """The cells ``--full``, ``--cells`` and ``--world-size`` name; empty (and said so) if none."""
+    """The cells ``--full``, ``--cells``, ``--world-size`` and ``--shard`` name; empty (and said so) if none."""
     specs = matrix.named_cells(full=args.full, pattern=args.cells)
     specs = [s for s in specs if s.world_size == args.world_size] if args.world_size else specs
     if not specs:
         console.print(f"no cells match {args.cells!r}")
+    if getattr(args, "shard", None):
+        ids = shard.select([s.cell_id for s in specs], args.shard, shard.load_costs("cells"))
+        console.print(f"shard {args.shard}: {len(ids)} of {len(specs)} cells")
+        specs = [s for s in specs if s.cell_id in set(ids)]
     return specs
 
 
@@ -66,8 +80,41 @@ def cmd_run(args: argparse.Namespace) -> int:
             console.print(f"[yellow]no golden in {args.golden} for {len(missing)} cells:[/] {', '.join(missing)}")
     print_report(results, console)
     write_report(results, Path(args.report))
-    console.print(f"wrote {args.report}/results.json and {args.report}/junit.xml")
+    console.print(f"wrote {args.report}/results.json, junit.xml and report.html")
+    if len(results) < len(specs):
+        return INTERRUPTED_EXIT
     return 1 if any(r.status == "fail" for r in results) else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``numerics report``: re-render a report from its results.json, or merge shards into one;
+    ``--summary-md`` prints the failures as Markdown (a CI job summary), ``--check`` exits 1
+    when a cell failed. Exit 2 for a directory that holds no readable report."""
+    from numerics import report
+
+    console = make_console()
+    try:
+        if args.merge:
+            if len(set(map(os.path.realpath, args.merge))) < len(args.merge):
+                raise report.ReportError(f"a directory is named twice in --merge {' '.join(args.merge)}")
+            data = report.merge([report.load(Path(d)) for d in args.merge])
+            directory = Path(args.out or "reports/merged")
+            report.write_data(data, directory)
+            console.print(f"merged {len(args.merge)} reports ({len(data['cells'])} cells) into {directory}")
+        else:
+            directory = Path(args.directory)
+            data = report.load(directory)
+            if not (args.summary_md or args.check):
+                page = report.write_page(data, directory, args.all_curves or None)
+                console.print(f"wrote {page}")
+    except report.ReportError as err:
+        console.print(f"error: {err}", highlight=False)
+        return 2
+    if args.summary_md:
+        print(report.summary_markdown(data))
+    if data.get("kind", "matrix") == "matrix":
+        console.print(data["summary"], highlight=False)
+    return 1 if args.check and report.failed(data) else 0
 
 
 def run_arguments(args: argparse.Namespace) -> list[str]:
@@ -158,8 +205,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     """``numerics bisect``: exit 0 when the change is found, 1 when it is not (the ends do
     not differ, an end cannot be judged, only skipped releases are left), 2 for bad input,
     3 when the package index cannot be reached."""
-    import json
-
+    from numerics.report import write_json, write_page
     from numerics.versions import bisect
     from numerics.versions.cells import CANNOT_BUILD_EXIT
     from numerics.versions.releases import IndexUnreachable
@@ -179,8 +225,10 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     data = bisect.summary(request, found, judge)
     for line in bisect.summary_lines(data):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
+    write_json(data, Path(args.report) / "results.json")
+    console.print(f"wrote {write_page(data, Path(args.report))} and results.json beside it")
     if args.json:
-        Path(args.json).write_text(json.dumps(finite_json(data), indent=1, allow_nan=False))  # as results.json
+        write_json(data, Path(args.json))
         console.print(f"wrote {args.json}")
     return data["exit"]
 
@@ -204,6 +252,12 @@ def cmd_golden(args: argparse.Namespace) -> int:
     return 1 if any(r.status != "pass" for r in results) else 0
 
 
+def cmd_launched(args: argparse.Namespace) -> int:
+    from numerics.launched import main as launched
+
+    return launched(args)
+
+
 def cmd_selftest(args: argparse.Namespace) -> int:
     from numerics.selftest import detection_table, run_selftest
 
@@ -213,6 +267,13 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     console.print(f"{len(rows)} faults: {sum(r.detected for r in rows)} detected by a targeted invariant, "
                   f"{sum(r.clean.status != 'fail' for r in rows)} clean twins passed")
     return 0 if all(row.ok for row in rows) else 1
+
+
+def shard_arg(text: str) -> shard.Shard:
+    try:
+        return shard.Shard.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_selection(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -235,7 +296,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--strict", action="store_true", help="with --versions: a trace that moved against the baseline fails")
     run.add_argument("--pin", action="append", default=[], metavar="PKG==V",
                      help="run inside the environment for these releases (repeatable; exit 3: cannot build)")
+    run.add_argument("--shard", type=shard_arg, metavar="I/N",
+                     help="run only the I-th of N cost-balanced slices of the selection (1-based)")
     run.set_defaults(func=cmd_run, argv=sys.argv[1:] if argv is None else argv)
+    report = sub.add_parser("report", help="re-render report.html from results.json, or merge shards into one report")
+    report.add_argument("directory", nargs="?", default="reports/latest", help="a report directory (results.json)")
+    report.add_argument("--merge", nargs="+", metavar="DIR", help="report directories of shards of one run")
+    report.add_argument("--out", metavar="DIR", help="with --merge: where the merged report goes (default reports/merged)")
+    report.add_argument("--summary-md", action="store_true", help="print the failing cells as Markdown (CI job summaries)")
+    report.add_argument("--check", action="store_true", help="exit 1 when a cell failed")
+    report.add_argument("--all-curves", action="store_true",
+                        help="draw every passing cell's curves too (by default only up to 120 passing cells)")
+    report.set_defaults(func=cmd_report)
     env = sub.add_parser("env", help="build, list or prune environments for release pins")
     env.add_argument("action", choices=["build", "list", "prune"])
     env.add_argument("pins", nargs="*", metavar="PKG==V", help="build: the releases; prune: only their environment")
@@ -249,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     bisect.add_argument("--invariant", metavar="NAME", help="the failure to bisect (default: what fails at --bad)")
     bisect.add_argument("--cells", metavar="GLOB", help="cell ids of the full matrix and the fault cells' clean twins")
     bisect.add_argument("--pre", action="store_true", help="also try pre-releases between the ends")
-    bisect.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    bisect.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
+    bisect.add_argument("--report", default="reports/bisect", help="directory for results.json and report.html")
     bisect.set_defaults(selection=[])  # ``-- PYTEST_SELECTION``: instead of --cells, the tests to run
     bisect.set_defaults(func=cmd_bisect)
     golden_parser = sub.add_parser("golden", help="record golden traces of passing cells")
@@ -259,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     golden_parser.add_argument("--update", action="store_true", help="replace goldens that exist (prints what moved)")
     golden_parser.set_defaults(func=cmd_golden)
     sub.add_parser("prepare", help="build DeepSpeed's CPU ops once").set_defaults(func=cmd_prepare)
+    launched = sub.add_parser("launched", help="run cells on ranks torchrun or the DeepSpeed launcher started (multi-node)")
+    add_launched_arguments(launched)
+    launched.set_defaults(func=cmd_launched)
     selftest = sub.add_parser("selftest", help="inject every fault and show which invariants catch it")
     selftest.add_argument("--backend", choices=["gloo", "nccl"])
     selftest.set_defaults(func=cmd_selftest)

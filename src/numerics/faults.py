@@ -11,6 +11,8 @@ the same ranks runs clean.
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -203,6 +205,15 @@ class RankHangsInReduction(Fault):
             time.sleep(3600)  # the other ranks wait in their next collective
 
 
+class RankKilled(Fault):
+    """Rank 0 ends mid-step without a word, as the OOM killer or a segfault ends a rank: no
+    traceback, no reply; the other ranks wait for it in their next collective."""
+
+    def on_reduced(self, reduced, local, index, rank, world_size):
+        if rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class RankRaises(Fault):
     def on_reduced(self, reduced, local, index, rank, world_size):
         if rank == world_size - 1:
@@ -334,6 +345,10 @@ FAULTS: dict[str, Fault] = {
         RankHangsInReduction(
             "rank_hangs", "rank 0 sleeps inside a gradient reduction",
             ("completes",), dict(zero_stage=1, timeout_s=20.0),
+        ),
+        RankKilled(
+            "rank_killed", "rank 0 is killed (SIGKILL) inside a gradient reduction",
+            ("completes",), dict(zero_stage=1),
         ),
         RankRaises(
             "rank_raises", "the last rank raises inside a gradient reduction",

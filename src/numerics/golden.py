@@ -131,9 +131,13 @@ def _versions(versions: dict[str, str | None] | None) -> str:
 
 
 def judge(result: Any, directory: Path) -> None:
-    """Add ``matches_golden`` to a `CellResult` that trained (one that never did has nothing to compare)."""
-    if result.outcome.trace is not None:
-        result.verdicts.append(verdict(result.outcome.trace, directory))
+    """Add ``matches_golden`` to a `CellResult` that trained (one that never did has nothing to
+    compare), and keep the golden on it for the report's curves."""
+    trace = result.outcome.trace
+    if trace is not None:
+        result.verdicts.append(verdict(trace, directory))
+        found = load(directory, trace.cell)
+        result.golden = found[0] if found else None
 
 
 def record(results: list[Any], directory: Path, update: bool) -> list[str]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import statistics
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 import numpy as np
 
 from numerics.thresholds import THRESHOLDS, Tolerance, tolerance
-from numerics.trace import Trace
+from numerics.trace import StepRecord, Trace
 
 Status = Literal["pass", "fail", "n/a", "xfail", "xpass", "cannot run", "cannot build"]
 
@@ -149,12 +150,18 @@ def assert_learns(trace: Trace, reference: Trace | None) -> Verdict:
     return _pass("learns", f"{first:.4f} -> {last:.4f}")
 
 
+def aligned(trace: Trace, reference: Trace) -> list[tuple[StepRecord, StepRecord]]:
+    """Each applied step of ``trace`` with the reference step it compares to: a reference
+    built for a cell that skipped steps has one step per applied one."""
+    applied = _applied(trace)
+    steps = reference.steps if len(reference.steps) == len(applied) else [reference.steps[r.step] for r in applied]
+    return list(zip(applied, steps))
+
+
 def _parity(trace: Trace, reference: Trace | None, name: str, field: str, rtol: float) -> Verdict:
     if reference is None:
         return _na(name, "no reference trace")
-    applied = _applied(trace)  # a reference built for a cell that skipped steps has one step per applied one
-    steps = reference.steps if len(reference.steps) == len(applied) else [reference.steps[r.step] for r in applied]
-    for record, ref in zip(applied, steps):
+    for record, ref in aligned(trace, reference):
         value, expected = getattr(record, field), getattr(ref, field)
         if value is None or expected is None:
             return _na(name, f"{field} not recorded at step {record.step}")
@@ -464,6 +471,22 @@ def assert_logged_matches(trace: Trace, reference: Trace | None) -> Verdict:
     return _pass("logged_matches", f"{compared} figures match" + (f" ({declared})" if declared else ""))
 
 
+@invariant("memory_bounded", per_step=False)
+def assert_memory_bounded(trace: Trace, reference: Trace | None) -> Verdict:
+    """No rank's resident memory peaks above THRESHOLDS.max_rank_rss_mib during the cell: a leak
+    in a persistent rank grows cell after cell, and a cell that holds on every rank what ZeRO
+    should partition shows it here, in the cell that did it, not as an OOM kill of a later one."""
+    peaks, bound = trace.meta.get("peak_rss_mib_per_rank"), THRESHOLDS.max_rank_rss_mib
+    if not peaks or None in peaks:
+        return _na("memory_bounded", f"peak resident memory not recorded for every rank ({peaks}; needs Linux /proc)")
+    worst = max(range(len(peaks)), key=peaks.__getitem__)
+    if not peaks[worst] <= bound:
+        return _fail("memory_bounded", trace, None,
+                     f"rank {worst} peaked at {peaks[worst]:.0f} MiB resident > {bound:g} MiB "
+                     f"(THRESHOLDS.max_rank_rss_mib, NUMERICS_MAX_RSS_MIB); per rank: {[round(p) for p in peaks]} MiB")
+    return _pass("memory_bounded", f"peak {peaks[worst]:.0f} MiB (rank {worst}) <= {bound:g} MiB")
+
+
 def missing_evidence(trace: Trace) -> str | None:
     """Why the trace holds too few steps for a per-step invariant to mean anything, or None.
 
@@ -480,6 +503,16 @@ def missing_evidence(trace: Trace) -> str | None:
     return None
 
 
+def _judge(name: str, trace: Trace, reference: Trace | None) -> Verdict:
+    """One invariant's verdict; one that raises fails with its traceback. A trace of a shape the
+    invariant did not expect (a missing metric, more steps than the reference) is a finding
+    about this cell: it must fail here, readably, and leave the other invariants and cells judged."""
+    try:
+        return INVARIANTS[name](trace, reference)
+    except Exception:
+        return Verdict(name, "fail", f"[{trace.cell}] raised:\n{traceback.format_exc()}")
+
+
 def check(trace: Trace, reference: Trace | None, names: tuple[str, ...]) -> list[Verdict]:
     """Each named invariant's verdict; the per-step ones fail together when the trace is too short."""
     unknown = sorted(set(names) - set(INVARIANTS))
@@ -487,4 +520,4 @@ def check(trace: Trace, reference: Trace | None, names: tuple[str, ...]) -> list
         raise KeyError(f"unknown invariants {unknown}; known: {sorted(INVARIANTS)}")
     short = missing_evidence(trace)
     return [_fail(name, trace, None, f"{short}: nothing to compare") if short and name in PER_STEP
-            else INVARIANTS[name](trace, reference) for name in names]
+            else _judge(name, trace, reference) for name in names]

@@ -2,14 +2,17 @@
 
 Importing DeepSpeed and starting a process group cost ~10 s per spawn, far more
 than a tiny cell trains, so the ranks stay up and take cells from a queue. A
-cell that raises returns every rank's traceback; a cell that hangs is stopped
-at its timeout with every rank's Python stacks (faulthandler). Either way the
-pool is torn down and rebuilt on a fresh port, and the next cell runs clean.
-Verdicts come from what ranks sent, never from exit codes: ZeRO-3 teardown can
-abort a process after its results are complete.
+cell that raises returns every rank's traceback; a rank that dies (killed, or
+exits) is noticed within seconds and named with how it ended; a cell that hangs
+is stopped at its timeout. With the last two, the surviving ranks' Python stacks
+(faulthandler) come along. Either way the pool is torn down and rebuilt on a
+fresh port, and the next cell runs clean. A pool that cannot start is retried
+once on a fresh port. Verdicts come from what ranks sent, never from exit codes:
+ZeRO-3 teardown can abort a process after its results are complete.
 """
 from __future__ import annotations
 
+import datetime
 import faulthandler
 import multiprocessing as mp
 import os
@@ -30,6 +33,13 @@ from numerics.trace import Trace
 ERROR_GRACE_S = 10.0  # after one rank fails, how long the others get to report before they are stopped
 START_TIMEOUT_S = 300.0  # importing DeepSpeed and building its CPU comm op on a cold machine
 STACK_DUMP_WAIT_S = 1.0
+QUEUE_POLL_S = 1.0  # how often the parent, waiting for replies, checks that every rank still lives
+# After a rank dies without replying, how long the queue is still read: what a rank sent just
+# before it ended is still in flight (a rank may exit right after its reply).
+DEATH_DRAIN_S = 1.0
+# A start that fails is retried once on a fresh port: the port `free_port` picked may have been
+# taken by another program before rank 0 bound it.
+START_ATTEMPTS = 2
 PARENT_POLL_S = 5.0  # how often a rank checks that its parent is still there
 
 
@@ -50,10 +60,60 @@ class CellOutcome:
         return self.trace is not None and self.error is None
 
 
+class PoolStartError(RuntimeError):
+    """The ranks could not be started; the message holds every attempt's tracebacks and stacks."""
+
+
 def free_port() -> int:
+    """A port free at the time of asking. The socket closes before rank 0 binds the port, so
+    another program can take it in between; that race cannot be closed from here (the rank,
+    not this process, has to bind it), so `RankPool.start` retries on a fresh port instead."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def exit_description(code: int | None) -> str:
+    """How a process ended, from ``Process.exitcode``: negative is the signal that killed it."""
+    if code is None or code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+def failure_report(world_size: int, replies: dict[int, tuple[str, Any]], died: dict[int, str],
+                   waited_s: float, timeout_s: float) -> list[str]:
+    """One paragraph per rank that failed: died (how; first, as the others' errors and hangs
+    follow from it), raised (its traceback), or stayed silent."""
+    parts = [f"rank {rank} died: {how}" for rank, how in sorted(died.items())]
+    parts += [f"rank {rank} raised:\n{text}" for rank, (status, text) in sorted(replies.items()) if status != "ok"]
+    silent = sorted(set(range(world_size)) - set(replies) - set(died))
+    if silent:
+        parts.append(f"ranks {silent} sent no result in {waited_s:.1f}s (timeout {timeout_s:.0f}s)")
+    return parts
+
+
+def outcome_of(spec: RunSpec, replies: dict[int, tuple[str, Any]], world_size: int, wall_s: float,
+               died: dict[int, str] | None = None) -> CellOutcome:
+    """A cell's outcome from its ranks' replies (`reply_for`), by rank: the merged trace when
+    every rank sent one, "cannot run" when every rank stopped at the same missing API, else
+    the failure report of the ranks that died, raised or stayed silent."""
+    outcome = CellOutcome(spec=spec, wall_s=wall_s)
+    unsupported = {text for status, text in replies.values() if status == "unsupported"}
+    if unsupported and len(replies) == world_size and all(s == "unsupported" for s, _ in replies.values()):
+        outcome.cannot = ("cannot run", "; ".join(sorted(unsupported)))  # every rank stopped at the same missing API
+        return outcome
+    outcome.rank_errors = {rank: text for rank, (status, text) in replies.items() if status != "ok"}
+    missing = sorted(set(range(world_size)) - set(replies))
+    if missing or outcome.rank_errors:
+        died = died or {}
+        outcome.timed_out = bool(missing) and not outcome.rank_errors and not died
+        outcome.error = "\n".join(failure_report(world_size, replies, died, wall_s, spec.timeout_s))
+        return outcome
+    outcome.trace = merge_rank_traces([replies[r][1] for r in range(world_size)])
+    return outcome
 
 
 def _rank_main(rank: int, world_size: int, port: int, backend: str, device_offset: int,
@@ -66,36 +126,48 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, device_offse
     stacks = open(stack_file, "w")  # noqa: SIM115 - lives as long as the process
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
-        import torch
-
-        torch.set_num_threads(1)  # 2 cores, and bit-reproducibility depends on the thread count
-        import deepspeed
-
-        from numerics.platform import lift_cpu_fp16_check, quiet_libraries, run_metadata
-
-        quiet_libraries()
-
-        lifted = lift_cpu_fp16_check()
-        if backend == "nccl":
-            torch.cuda.set_device(device_offset + rank)
-        deepspeed.init_distributed(dist_backend=backend)
-        meta = run_metadata(backend, world_size, lifted)
+        meta = start_rank(world_size, device_offset + rank, backend)
     except BaseException:
         results.put(("start", rank, "error", traceback.format_exc()))
         return
     results.put(("start", rank, "ok", None))
-    from numerics.cells import run_cell
-
-    from numerics.versions.compat import Unsupported
-
     while (task := tasks.get()) is not None:
         number, spec = task
-        try:
-            results.put((number, rank, "ok", run_cell(spec, rank, meta)))
-        except Unsupported as err:
-            results.put((number, rank, "unsupported", str(err)))
-        except BaseException:
-            results.put((number, rank, "error", traceback.format_exc()))
+        results.put((number, rank, *reply_for(spec, rank, meta)))
+
+
+def start_rank(world_size: int, device: int, backend: str,
+               timeout: datetime.timedelta = datetime.timedelta(seconds=600)) -> dict[str, Any]:
+    """Join the process group (its address in the environment, from our pool or a launcher)
+    and return the run's metadata. ``timeout`` bounds every collective, joining included
+    (DeepSpeed's default here; a launched run sets its own)."""
+    import torch
+
+    torch.set_num_threads(1)  # 2 cores, and bit-reproducibility depends on the thread count
+    import deepspeed
+
+    from numerics.platform import lift_cpu_fp16_check, quiet_libraries, run_metadata
+
+    quiet_libraries()
+    lifted = lift_cpu_fp16_check()
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    return run_metadata(backend, world_size, lifted)
+
+
+def reply_for(spec: RunSpec, rank: int, meta: dict[str, Any]) -> tuple[str, Any]:
+    """What a rank sends back for one cell: ("ok", its trace), ("unsupported", the missing
+    API) or ("error", its traceback)."""
+    from numerics.cells import run_cell
+    from numerics.versions.compat import Unsupported
+
+    try:
+        return "ok", run_cell(spec, rank, meta)
+    except Unsupported as err:
+        return "unsupported", str(err)
+    except BaseException:  # noqa: BLE001 - the traceback is the verdict's message
+        return "error", traceback.format_exc()
 
 
 def exit_with_parent(parent: int) -> None:
@@ -130,10 +202,21 @@ class RankPool:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
+        """Start the ranks, each attempt on a fresh port; raise `PoolStartError` with every
+        attempt's story if none succeeds."""
         if self.backend == "gloo":
             from numerics.prepare import ensure_cpu_ops
 
             ensure_cpu_ops()
+        failures = []
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return self._start_once()
+            except PoolStartError as err:
+                failures.append(f"attempt {attempt}: {err}")
+        raise PoolStartError(f"rank pool failed to start (ws={self.world_size}, {self.backend}):\n" + "\n".join(failures))
+
+    def _start_once(self) -> None:
         port = free_port()
         self.generation += 1
         self._results = self._context.Queue()
@@ -150,12 +233,15 @@ class RankPool:
             )
             process.start()
             self._processes.append(process)
+        started = time.monotonic()
+        # A rank that fails to start (rank 0 cannot bind the port) leaves the others waiting for it
+        # in the rendezvous: they get the grace, not the whole start timeout.
         replies = self._collect("start", START_TIMEOUT_S)
-        failed = {rank: text for rank, (status, text) in replies.items() if status != "ok"}
-        if failed or len(replies) < self.world_size:
+        if len(replies) < self.world_size or any(status != "ok" for status, _ in replies.values()):
+            died = self._dead_without_reply(replies)
+            parts = failure_report(self.world_size, replies, died, time.monotonic() - started, START_TIMEOUT_S)
             stacks = self._stop(dump_stacks=len(replies) < self.world_size)
-            raise RuntimeError(f"rank pool (ws={self.world_size}, {self.backend}) failed to start:\n"
-                               + "\n".join(f"rank {r}:\n{t}" for r, t in failed.items()) + stacks)
+            raise PoolStartError(f"port {port}:\n" + "\n".join(parts) + stacks)
 
     def close(self) -> None:
         if not self._processes:
@@ -189,47 +275,37 @@ class RankPool:
         started = time.monotonic()
         for tasks in self._tasks:
             tasks.put((self._counter, spec))
-        replies = self._collect(self._counter, spec.timeout_s, error_grace_s=ERROR_GRACE_S)
-        outcome = CellOutcome(spec=spec, wall_s=time.monotonic() - started)
-        unsupported = {text for status, text in replies.values() if status == "unsupported"}
-        if unsupported and len(replies) == self.world_size and all(s == "unsupported" for s, _ in replies.values()):
-            outcome.cannot = ("cannot run", "; ".join(sorted(unsupported)))  # every rank stopped at the same missing API
-            return outcome
-        outcome.rank_errors = {rank: text for rank, (status, text) in replies.items() if status != "ok"}
-        missing = sorted(set(range(self.world_size)) - set(replies))
-        if missing or outcome.rank_errors:
-            stacks = self._stop(dump_stacks=bool(missing))
-            outcome.timed_out = bool(missing) and not outcome.rank_errors
-            parts = [f"rank {r} raised:\n{t}" for r, t in sorted(outcome.rank_errors.items())]
-            if missing:
-                parts.append(f"ranks {missing} sent no result within "
-                             f"{spec.timeout_s if outcome.timed_out else ERROR_GRACE_S:.0f}s{stacks}")
-            outcome.error = "\n".join(parts)
-            return outcome
-        outcome.trace = merge_rank_traces([replies[r][1] for r in range(self.world_size)])
+        replies = self._collect(self._counter, spec.timeout_s)
+        died = self._dead_without_reply(replies)
+        outcome = outcome_of(spec, replies, self.world_size, time.monotonic() - started, died)
+        if outcome.error is not None:
+            outcome.error += self._stop(dump_stacks=len(replies) < self.world_size)
         return outcome
 
-    def _collect(self, number: Any, timeout_s: float, error_grace_s: float | None = None) -> dict[int, tuple[str, Any]]:
-        """Replies for task ``number`` until every rank answered, time ran out, or (after an
-        error) the grace period ended. Replies to older tasks are stale and dropped."""
+    def _collect(self, number: Any, timeout_s: float) -> dict[int, tuple[str, Any]]:
+        """Replies for task ``number`` until every rank answered, time ran out, or a rank failed
+        and the others had their grace: ERROR_GRACE_S after a rank reported an error,
+        DEATH_DRAIN_S after a rank died without replying (a dead rank sends nothing more, and the
+        others wait for it in their next collective). Replies to older tasks are stale and dropped."""
         replies: dict[int, tuple[str, Any]] = {}
         deadline = time.monotonic() + timeout_s
-        while len(replies) < self.world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+        while len(replies) < self.world_size and (remaining := deadline - time.monotonic()) > 0:
             try:
-                got, rank, status, payload = self._results.get(timeout=min(remaining, 1.0))
+                got, rank, status, payload = self._results.get(timeout=min(remaining, QUEUE_POLL_S))
             except queue.Empty:
-                if not any(p.is_alive() for p in self._processes):
-                    break
-                continue
-            if got != number:
-                continue
-            replies[rank] = (status, payload)
-            if status != "ok" and error_grace_s is not None:
-                deadline = min(deadline, time.monotonic() + error_grace_s)
+                got = None
+            if got == number:
+                replies[rank] = (status, payload)
+                if status != "ok":
+                    deadline = min(deadline, time.monotonic() + ERROR_GRACE_S)
+            if self._dead_without_reply(replies):
+                deadline = min(deadline, time.monotonic() + DEATH_DRAIN_S)
         return replies
+
+    def _dead_without_reply(self, replies: dict[int, tuple[str, Any]]) -> dict[int, str]:
+        """How each rank ended whose process is gone before it answered the current task."""
+        return {rank: exit_description(process.exitcode) for rank, process in enumerate(self._processes)
+                if rank not in replies and not process.is_alive()}
 
     def _stop(self, dump_stacks: bool) -> str:
         """Stop every rank (stacks first, if asked); return the stacks as text."""
@@ -259,8 +335,10 @@ PER_RANK_FIELDS = ("param_checksums", "gathered_errors")  # StepRecord lists tha
 
 
 def merge_rank_traces(traces: list[Trace]) -> Trace:
-    """Rank 0's trace, with every rank's value of each per-rank field per step."""
+    """Rank 0's trace, with every rank's value of each per-rank field per step, and every rank's
+    peak resident memory (``meta["peak_rss_mib_per_rank"]``: rank 0's alone would hide the others')."""
     merged = traces[0]
+    merged.meta["peak_rss_mib_per_rank"] = [trace.meta.pop("peak_rss_mib", None) for trace in traces]
     for index, record in enumerate(merged.steps):
         for name in PER_RANK_FIELDS:
             setattr(record, name, [value for trace in traces

@@ -101,7 +101,7 @@ EXCLUSIONS: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-def _fix_batch(cell: dict[str, Any]) -> dict[str, Any]:
+def fixed_batch(cell: dict[str, Any]) -> dict[str, Any]:
     """Keep the global batch fixed when GA varies: micro-batch shrinks by the accumulation factor."""
     if cell.get("grad_accum", 1) > 1:
         cell["micro_batch"] = max(1, cell.get("micro_batch", 4) // cell["grad_accum"])
@@ -156,7 +156,7 @@ def cells(full: bool = False, pattern: str | None = None) -> list[RunSpec]:
     seen: set[str] = set()
     for family in FAMILIES:
         for axes in full_product(family) if full else covering_subset(family):
-            spec = RunSpec(**_fix_batch({**family.base, **axes}))
+            spec = RunSpec(**fixed_batch({**family.base, **axes}))
             if spec.cell_id in seen or (pattern and not fnmatch.fnmatch(spec.cell_id, pattern)):
                 continue
             seen.add(spec.cell_id)
@@ -167,6 +167,12 @@ def cells(full: bool = False, pattern: str | None = None) -> list[RunSpec]:
 # Every fault runs at each of these precisions: a check that catches a fault in fp32 may not in
 # bf16, whose tolerances are ~1000x wider.
 FAULT_PRECISIONS = ("fp32", "bf16")
+
+
+def fault_precisions(fault: Fault) -> tuple[str, ...]:
+    """The precisions a fault runs at: a rank that hangs, raises or dies is the runner's
+    business, caught by ``completes`` whatever the dtype, so it runs once, in fp32."""
+    return FAULT_PRECISIONS[:1] if "completes" in fault.targets else FAULT_PRECISIONS
 
 
 def fault_cell(fault: Fault, clean: bool = False, precision: str = "fp32") -> RunSpec:

@@ -6,16 +6,19 @@ numerics can write ``def test_x(run_cell): run_cell(RunSpec(...))``.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from numerics import golden
-from numerics.runner import CANNOT, CellResult, PoolSet
+from numerics.runner import CANNOT, CellResult, PoolSet, interrupt_on_sigterm
+from numerics.shard import Shard, load_costs, select
 from numerics.spec import RunSpec
 from numerics.versions.cells import COMBINATION_ENV
 
 RESULTS_KEY = pytest.StashKey[list]()
+SECONDS_KEY = pytest.StashKey[dict]()
 POOLS_KEY = pytest.StashKey[PoolSet]()
 
 
@@ -25,6 +28,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with a GPU per rank, else gloo")
     group.addoption("--numerics-report", metavar="DIR", default=None, help="write results.json and junit.xml of the cells run")
     group.addoption("--numerics-full", action="store_true", help="the full matrix product instead of the covering subset")
+    group.addoption("--numerics-shard", metavar="I/N", default=None,
+                    help="run only the I-th of N slices of the selected tests, balanced by measured cost (1-based)")
     group.addoption("--numerics-golden", metavar="DIR", default=None,
                     help="compare every cell's trace with its golden in DIR (numerics golden record)")
     group.addoption("--numerics-versions", metavar="PKG=V1,V2", action="append", default=[],
@@ -80,6 +85,35 @@ def numerics_combination() -> str | None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "multigpu: launches multi-rank training runs (CPU/gloo without GPUs)")
     config.stash[RESULTS_KEY] = []
+    config.stash[SECONDS_KEY] = {}
+    if config.getoption("numerics_shard"):
+        try:
+            Shard.parse(config.getoption("numerics_shard"))
+        except ValueError as err:
+            raise pytest.UsageError(f"--numerics-shard: {err}") from None
+    directory = config.getoption("numerics_report")
+    if directory and not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(Path(directory) / "workers", ignore_errors=True)  # an earlier session's, never merged into this one
+    interrupt_on_sigterm()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--numerics-shard I/N``: keep this shard's tests. Every runner (and every xdist worker)
+    computes the same split from the same collection."""
+    if not (text := config.getoption("numerics_shard")):
+        return
+    kept = set(select([item.nodeid for item in items], Shard.parse(text), load_costs("tests")))
+    config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in kept])
+    items[:] = [item for item in items if item.nodeid in kept]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    """Each test's seconds (set-up, call, tear-down): what shards are balanced by next time."""
+    report = yield
+    seconds = item.config.stash[SECONDS_KEY]
+    seconds[item.nodeid] = seconds.get(item.nodeid, 0.0) + report.duration
+    return report
 
 
 def _worker_index() -> int:
@@ -125,9 +159,20 @@ def expect_pass(result: CellResult) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Write the report: a pytest-xdist worker writes its own beside the others, and the
+    controller, which runs no cell, merges them (no worker overwrites another's cells)."""
     directory = session.config.getoption("numerics_report")
-    results = session.config.stash.get(RESULTS_KEY, [])
-    if directory and results:
-        from numerics.report import write_report
+    if not directory:
+        return
+    from numerics import report
 
-        write_report(results, Path(directory))
+    results, seconds = session.config.stash.get(RESULTS_KEY, []), session.config.stash.get(SECONDS_KEY, {})
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    parts = Path(directory) / "workers"
+    if worker:
+        report.write_json(report.results_data(results, seconds), parts / worker / "results.json")
+    elif parts.is_dir():
+        shards = [report.load(path.parent) for path in sorted(parts.glob("*/results.json"))]
+        report.write_data(report.merge(shards), Path(directory))
+    elif results:
+        report.write_report(results, Path(directory), seconds)

@@ -1,8 +1,15 @@
-"""Results a person reads: a table on the terminal, ``results.json`` and ``junit.xml``."""
+"""Results a person reads: a table on the terminal, ``results.json``, ``junit.xml`` and ``report.html``.
+
+Everything after the run works on ``results.json`` records, so a report can be
+re-rendered (``numerics report DIR``) or merged from shards without the traces in memory.
+"""
 from __future__ import annotations
 
 import json
 import math
+import os
+import platform
+import subprocess
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -13,7 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from numerics.platform import package_versions
-from numerics.runner import CANNOT, CellResult
+from numerics.runner import CANNOT, CellResult, first_failing
+from numerics.trace import Trace
 
 STATUS_STYLE = {"pass": "green", "xfail": "yellow", "fail": "bold red", "cannot run": "magenta", "cannot build": "magenta"}
 
@@ -49,29 +57,46 @@ def results_table(results: Iterable[CellResult]) -> Table:
     return table
 
 
-def summary_line(results: list[CellResult]) -> str:
-    counts = {status: sum(r.status == status for r in results) for status in STATUS_STYLE}
+def summary_of(cells: list[dict[str, Any]], fp16_check_lifted: bool) -> str:
+    counts = {status: sum(c["status"] == status for c in cells) for status in STATUS_STYLE}
     line = f"{counts['pass']} passed, {counts['fail']} failed, {counts['xfail']} xfailed (known deviations)"
     for status in CANNOT:
         if counts[status]:
             line += f", {counts[status]} {status}"
-    if any(r.outcome.trace and r.outcome.trace.meta.get("fp16_check_lifted") for r in results):
+    if fp16_check_lifted:
         line += "; fp16 cells ran with DeepSpeed's CPU fp16 check lifted (no native fp16 on this processor)"
     return line
 
 
+def summary_line(results: list[CellResult]) -> str:
+    return summary_of([{"status": r.status} for r in results],
+                      any(r.outcome.trace and r.outcome.trace.meta.get("fp16_check_lifted") for r in results))
+
+
+SCHEMA = 2  # results.json's schema version (docs/results-schema.md); bump on any incompatible change
+
+
+def curves(trace: Trace | None) -> dict[str, list] | None:
+    """The per-step numbers a plot needs from a reference or golden trace (not the whole trace)."""
+    return {"loss": trace.values("loss"), "grad_norm": trace.values("grad_norm")} if trace else None
+
+
 def cell_record(result: CellResult) -> dict:
     trace = result.outcome.trace
+    first = result.first_failure
     return {
         "cell": result.spec.cell_id,
         "status": result.status,
         "spec": result.spec.to_dict(),
         "verdicts": [vars(v) for v in result.verdicts],
+        "first_bad_step": first.step if first else None,
         "final_loss": final_loss(result),
         "steps_per_s": steps_per_s(result),
         "wall_s": result.outcome.wall_s,
         "error": result.outcome.error,
         "trace": trace.to_json() if trace else None,
+        "reference": curves(result.reference),
+        "golden": curves(result.golden),
     }
 
 
@@ -85,34 +110,154 @@ def finite_json(value: Any) -> Any:
     return value
 
 
-def write_json(results: list[CellResult], path: Path) -> None:
-    data = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions(),
-            "summary": summary_line(results), "cells": [cell_record(r) for r in results]}
+def git_commit() -> str | None:
+    """The commit of the checkout the run started in, "+dirty" with local changes; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+
+
+def hardware() -> str:
+    """The processor (and GPUs, when there are), as the report's header names the machine."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    text = f"{cpu}, {os.cpu_count()} cores"
+    import torch
+
+    if torch.cuda.is_available():
+        text += f"; {torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    return text
+
+
+def run_header(results: list[CellResult]) -> dict[str, Any]:
+    """What ran where: versions, backend and device (from the ranks), machine and commit."""
+    meta = next((r.outcome.trace.meta for r in results if r.outcome.trace is not None), {})
+    return {"versions": meta.get("versions") or package_versions(), "backend": meta.get("backend"),
+            "device": meta.get("device"), "hardware": hardware(), "git_commit": git_commit(),
+            "fp16_check_lifted": any(r.outcome.trace.meta.get("fp16_check_lifted") for r in results if r.outcome.trace)}
+
+
+def results_data(results: list[CellResult], tests: dict[str, float] | None = None) -> dict[str, Any]:
+    """``results.json`` as data: the header, the summary, every cell, and (from pytest) each test's seconds."""
+    return {"schema": SCHEMA, "kind": "matrix", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **run_header(results), "summary": summary_line(results), "cells": [cell_record(r) for r in results],
+            "tests": tests or {}}
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     # Non-finite floats become strings: bare NaN is not JSON, and a NaN loss is exactly what a report must show.
     path.write_text(json.dumps(finite_json(data), indent=1, default=str, allow_nan=False))
 
 
-def write_junit(results: list[CellResult], path: Path) -> None:
-    suite = ET.Element("testsuite", name="numerics", tests=str(len(results)),
-                       failures=str(sum(r.status == "fail" for r in results)),
-                       skipped=str(sum(r.status in ("xfail", *CANNOT) for r in results)))
-    for result in results:
-        case = ET.SubElement(suite, "testcase", classname="numerics.matrix", name=result.spec.cell_id,
-                             time=f"{result.outcome.wall_s:.2f}")
-        first = result.first_failure
-        if result.status == "fail":
-            ET.SubElement(case, "failure", message=f"{first.invariant}: {headline(first.message)}").text = result.story()
-        elif result.status == "xfail":
-            ET.SubElement(case, "skipped", message=f"known deviation: {first.reason}").text = result.story()
-        elif result.status in CANNOT:
-            ET.SubElement(case, "skipped", message=f"{result.status}: {headline(first.message)}").text = result.story()
+def write_page(data: dict[str, Any], directory: Path, all_curves: bool | None = None) -> Path:
+    """``report.html`` of a matrix run's, a version matrix's or a bisect's data."""
+    from numerics.report_page import render
+
+    path = directory / "report.html"
+    path.write_text(render(data, directory, all_curves))
+    return path
+
+
+def write_data(data: dict[str, Any], directory: Path) -> None:
+    """``results.json``, ``junit.xml`` and ``report.html`` of ``data`` in ``directory``."""
+    write_json(data, directory / "results.json")
+    write_junit(data["cells"], directory / "junit.xml")
+    write_page(data, directory)
+
+
+def write_report(results: list[CellResult], directory: Path, tests: dict[str, float] | None = None) -> None:
+    write_data(results_data(results, tests), directory)
+
+
+def write_junit(cells: list[dict[str, Any]], path: Path) -> None:
+    suite = ET.Element("testsuite", name="numerics", tests=str(len(cells)),
+                       failures=str(sum(c["status"] == "fail" for c in cells)),
+                       skipped=str(sum(c["status"] in ("xfail", *CANNOT) for c in cells)))
+    for cell in cells:
+        case = ET.SubElement(suite, "testcase", classname="numerics.matrix", name=cell["cell"], time=f"{cell['wall_s']:.2f}")
+        first = first_failure(cell)
+        if cell["status"] == "fail":
+            ET.SubElement(case, "failure", message=f"{first['invariant']}: {headline(first['message'])}").text = story(cell)
+        elif cell["status"] == "xfail":
+            ET.SubElement(case, "skipped", message=f"known deviation: {first['reason']}").text = story(cell)
+        elif cell["status"] in CANNOT:
+            ET.SubElement(case, "skipped", message=f"{cell['status']}: {headline(first['message'])}").text = story(cell)
     ET.ElementTree(suite).write(path, encoding="unicode", xml_declaration=True)
 
 
-def write_report(results: list[CellResult], directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    write_json(results, directory / "results.json")
-    write_junit(results, directory / "junit.xml")
+def first_failure(cell: dict[str, Any]) -> dict[str, Any] | None:
+    return first_failing(cell["verdicts"], lambda v: v["status"])
+
+
+def story(cell: dict[str, Any]) -> str:
+    """Everything a person needs to read a failure without rerunning, from its results.json record."""
+    lines = [f"cell {cell['cell']}: {cell['status']}", f"spec: {cell['spec']}"]
+    if cell.get("trace"):
+        lines.append(f"meta: {cell['trace']['meta']}")
+    lines += [f"  {v['status']:5s} {v['invariant']}: {v['message']}" + (f" [known: {v['reason']}]" if v.get("reason") else "")
+              for v in cell["verdicts"]]
+    return "\n".join(lines)
+
+
+def load(directory: Path) -> dict[str, Any]:
+    """A report's ``results.json``; a clear error for a directory that holds none or an older schema."""
+    path = directory / "results.json"
+    if not path.exists():
+        raise ReportError(f"{directory} holds no results.json (write one with numerics run --report {directory})")
+    data = json.loads(path.read_text())
+    if data.get("schema") != SCHEMA:
+        raise ReportError(f"{path} has schema {data.get('schema')!r}; this numerics reads schema {SCHEMA}: rerun the cells")
+    return data
+
+
+class ReportError(ValueError):
+    """A report directory that cannot be read or merged."""
+
+
+def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from shards (or pytest-xdist workers) of one run: their cells and tests
+    together, in order. A cell id may appear more than once, as in one pytest session: two
+    tests may run the same cell (a matrix cell and a test that compares against it)."""
+    if not reports:
+        raise ReportError("nothing to merge")
+    merged = {**reports[0], "cells": [cell for report in reports for cell in report["cells"]],
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "tests": {k: v for report in reports for k, v in report.get("tests", {}).items()},
+              "merged_from": len(reports)}
+    merged["summary"] = summary_of(merged["cells"], merged.get("fp16_check_lifted", False))
+    return merged
+
+
+def failed(data: dict[str, Any]) -> bool:
+    """Whether a report holds a failure: a failing cell, in any combination of a version
+    matrix, or a bisect that found a change."""
+    kind = data.get("kind", "matrix")
+    if kind == "versions":
+        return any(e["status"] == "fail" for row in data["cells"] for e in row["by_combination"].values())
+    if kind == "bisect":
+        return "boundary" in data
+    return any(c["status"] == "fail" for c in data["cells"])
+
+
+def summary_markdown(data: dict[str, Any]) -> str:
+    """The run as a CI job summary: the summary line, then every failing cell with its first
+    failed invariant, step and message."""
+    if data.get("kind", "matrix") != "matrix":
+        return f"## Numerics {data.get('kind')}\n\nsee report.html"
+    lines = ["## Numerics", "", data["summary"], ""]
+    failing = [c for c in data["cells"] if c["status"] == "fail"]
+    if failing:
+        lines += ["| cell | invariant | step | message |", "|---|---|---|---|"]
+        for cell in failing:
+            first = first_failure(cell) or {}
+            message = headline(first.get("message", "")).replace("|", "\\|")[:200]
+            lines.append(f"| `{cell['cell']}` | {first.get('invariant', '')} | {first.get('step') or ''} | {message} |")
+    return "\n".join(lines)
 
 
 def print_report(results: list[CellResult], console: Console | None = None) -> None:

@@ -5,25 +5,40 @@ so a cell means the same thing in the nightly table and in a test id.
 """
 from __future__ import annotations
 
+import signal
+import threading
+import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 from numerics import deviations
 from numerics.expected_na import judge_na
 from numerics.invariants import Verdict, check
-from numerics.launcher import CellOutcome, RankPool
+from numerics.launcher import CellOutcome, PoolStartError, RankPool
 from numerics.platform import package_versions
 from numerics.reference import reference_trace
 from numerics.spec import RunSpec
+from numerics.trace import Trace
 
 
 CANNOT = ("cannot build", "cannot run")  # a cell that never trained: neither a pass nor a numerics failure
+# Held by every cell, whatever invariants it declares: memory is no numerics property a cell may
+# opt out of, and a persistent rank carries what one cell leaks into every cell after it.
+EVERY_CELL_INVARIANTS = ("memory_bounded",)
+V = TypeVar("V")
+# With GPUs, pytest-xdist worker w owns GPUs [4w, 4w + 4): the largest world size of the matrix,
+# so a worker's ws2 pool never lands on another worker's ws4 block. Run GPUs / 4 workers.
+GPUS_PER_WORKER = 4
 
 
 @dataclass
 class CellResult:
     outcome: CellOutcome
     verdicts: list[Verdict] = field(default_factory=list)
+    # What the trace was judged against, kept for the report's curves: the reference run and,
+    # with ``--golden``, the recorded golden.
+    reference: Trace | None = None
+    golden: Trace | None = None
 
     @property
     def spec(self) -> RunSpec:
@@ -42,34 +57,72 @@ class CellResult:
 
     @property
     def first_failure(self) -> Verdict | None:
-        return next((v for v in self.verdicts if v.failed or v.status in CANNOT), None) \
-            or next((v for v in self.verdicts if v.status == "xfail"), None)
+        return first_failing(self.verdicts, lambda v: v.status)
 
     def story(self) -> str:
         """Everything a person needs to read a failure without rerunning."""
-        lines = [f"cell {self.spec.cell_id}: {self.status}", f"spec: {self.spec.to_dict()}"]
-        if self.outcome.trace is not None:
-            lines.append(f"meta: {self.outcome.trace.meta}")
-        lines += [f"  {v.status:5s} {v.invariant}: {v.message}" + (f" [known: {v.reason}]" if v.reason else "")
-                  for v in self.verdicts]
-        return "\n".join(lines)
+        from numerics.report import cell_record, story
+
+        return story(cell_record(self))
+
+
+def first_failing(verdicts: list[V], status: Callable[[V], str]) -> V | None:
+    """The verdict a one-line summary names: the first failure (or cell that could not run),
+    else the first known deviation; for `Verdict` objects and results.json records alike."""
+    return next((v for v in verdicts if status(v) in ("fail", "xpass", *CANNOT)), None) \
+        or next((v for v in verdicts if status(v) == "xfail"), None)
 
 
 def evaluate(outcome: CellOutcome) -> CellResult:
-    """Check every invariant the cell declares, then apply the known-deviations table."""
+    """Check every invariant the cell declares and those every cell is held to, then apply the
+    known-deviations table. A stage of judging that raises (the reference run, the n/a rules,
+    the deviations table; an invariant fails on its own in `check`) fails this cell with its
+    traceback, never the run: the cells after it still deserve their verdicts."""
+    spec = outcome.spec
     if outcome.cannot is not None:
         status, why = outcome.cannot
-        return CellResult(outcome, [Verdict("completes", status, f"[{outcome.spec.cell_id}] {why}")])
+        return CellResult(outcome, [Verdict("completes", status, f"[{spec.cell_id}] {why}")])
     if not outcome.ok:  # a crash a known deviation names (by its message) is expected too
-        kind = "timed out" if outcome.timed_out else "raised"
-        verdicts = [Verdict("completes", "fail", f"[{outcome.spec.cell_id}] {kind}:\n{outcome.error}")]
-        deviations.apply(verdicts, outcome.spec.to_dict(), package_versions())
-        return CellResult(outcome, verdicts)
+        kind = "timed out" if outcome.timed_out else "failed"
+        verdicts = [Verdict("completes", "fail", f"[{spec.cell_id}] {kind}:\n{outcome.error}")]
+        return CellResult(outcome, _with_deviations(verdicts, spec.cell_id, spec.to_dict(), package_versions()))
     trace = outcome.trace
-    checked = check(trace, reference_trace(outcome.spec, trace), outcome.spec.invariants)
-    verdicts = [Verdict("completes", "pass")] + judge_na(checked, outcome.spec)
-    deviations.apply(verdicts, trace.spec, trace.meta.get("versions") or package_versions())
-    return CellResult(outcome, verdicts)
+    try:
+        reference = reference_trace(spec, trace)
+    except Exception:
+        return CellResult(outcome, [Verdict("completes", "pass"), _raised("reference", spec.cell_id)])
+    names = spec.invariants + tuple(name for name in EVERY_CELL_INVARIANTS if name not in spec.invariants)
+    try:
+        verdicts = [Verdict("completes", "pass")] + judge_na(check(trace, reference, names), spec)
+    except Exception:
+        verdicts = [Verdict("completes", "pass"), _raised("evaluate", spec.cell_id)]
+    versions = trace.meta.get("versions") or package_versions()
+    return CellResult(outcome, _with_deviations(verdicts, spec.cell_id, trace.spec, versions), reference)
+
+
+def _raised(stage: str, cell_id: str) -> Verdict:
+    """The failing verdict of a judging stage that raised, with its traceback; call inside ``except``."""
+    return Verdict(stage, "fail", f"[{cell_id}] {stage} raised:\n{traceback.format_exc()}")
+
+
+def _with_deviations(verdicts: list[Verdict], cell_id: str, fields: dict, versions: dict) -> list[Verdict]:
+    """``verdicts`` with the known deviations applied; if the table raises, unexcused, plus its failure."""
+    try:
+        deviations.apply(verdicts, fields, versions)
+    except Exception:
+        verdicts.append(_raised("deviations", cell_id))
+    return verdicts
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (a CI job cancelled, a runner shutting down) end the run as Ctrl-C does:
+    pools close, their ranks end, and the report is written with the cells that finished.
+    Left alone where someone else already handles it, or off the main thread."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 class PoolSet:
@@ -84,8 +137,12 @@ class PoolSet:
         pool = self.pools.get(spec.world_size)
         if pool is None:
             self.close()  # one pool alive at a time: ranks of idle pools would compete for 2 cores
-            pool = self.pools[spec.world_size] = RankPool(spec.world_size, self.backend, self.worker * spec.world_size)
-        return evaluate(pool.run(spec))
+            pool = self.pools[spec.world_size] = RankPool(spec.world_size, self.backend, self.worker * GPUS_PER_WORKER)
+        try:
+            outcome = pool.run(spec)
+        except PoolStartError as err:  # this cell fails with every attempt's story; the next one starts the pool again
+            outcome = CellOutcome(spec, error=str(err))
+        return evaluate(outcome)
 
     def run_all(self, specs: Iterable[RunSpec], on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
         results = []

@@ -2,7 +2,7 @@
 
 A fault is detected when at least one invariant it targets fails on it; the
 same cell without the fault must pass. Every fault runs at each precision of
-``matrix.FAULT_PRECISIONS``. No fault may go undetected, except a measured gap
+``matrix.fault_precisions``. No fault may go undetected, except a measured gap
 listed in ``faults.UNDETECTED`` (which must then stay undetected), and no clean
 cell may fail.
 """
@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from numerics.faults import FAULTS, UNDETECTED, Fault
-from numerics.matrix import FAULT_PRECISIONS, fault_cell
+from numerics.matrix import fault_cell, fault_precisions
 from numerics.runner import CellResult, PoolSet
 
 
@@ -43,13 +43,12 @@ class DetectionRow:
         return self.detected != bool(self.known_gap) and self.clean.status != "fail"
 
 
-def run_selftest(backend: str | None, console: Console, names: list[str] | None = None,
-                 precisions: tuple[str, ...] = FAULT_PRECISIONS) -> list[DetectionRow]:
+def run_selftest(backend: str | None, console: Console, names: list[str] | None = None) -> list[DetectionRow]:
     rows = []
     with PoolSet(backend) as pools:
         for name in names or list(FAULTS):
             fault = FAULTS[name]
-            for precision in precisions:
+            for precision in fault_precisions(fault):
                 console.print(f"fault {name} ({precision}): {fault.summary}", highlight=False)
                 rows.append(DetectionRow(fault, precision, pools.run(fault_cell(fault, precision=precision)),
                                          pools.run(fault_cell(fault, clean=True, precision=precision))))

@@ -64,7 +64,9 @@ OVERFIT_INVARIANTS = ("finite", "overfits", "supervised_tokens", "init_matches",
 # A Trainer cell is also held to what it shows its user: every logged figure equals the measured one.
 TRAINER_INVARIANTS = DEFAULT_INVARIANTS + ("logged_matches",)
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# Inside the package, so an installed wheel has them (package data, pyproject.toml); the
+# repository root links to them as ds_configs/ for readers.
+DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 
 
 def matches(fields: dict[str, Any], pattern: dict[str, Any]) -> bool:

@@ -6,7 +6,8 @@ in each reason), and are checked to sit below the smallest injected fault.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,17 @@ LORA_TOLERANCES: dict[str, Tolerance] = {
 }
 
 
+def env_number(name: str, default: float) -> float:
+    """A threshold a machine may override from its environment, or the measured default."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a number") from None
+
+
 @dataclass(frozen=True)
 class TrainingThresholds:
     entropy_floor_sigmas: float = 5.0  # loss below H - 5 standard errors of the batch's mean surprisal is a collapse
@@ -104,6 +116,14 @@ class TrainingThresholds:
     # the test matrix, 2026-11-30); a run that skips a quarter of its steps compares too little,
     # and a loss scale stuck overflowing is a bug of its own.
     min_applied_fraction: float = 0.75
+    # Peak resident memory of any one rank during a cell (VmHWM, reset when the cell starts), MiB.
+    # Measured 2026-12-01 (torch 2.13 CPU, deepspeed 0.19.8, gloo, ws 2): engine ZeRO-2 and 3 fp32
+    # 429-433, Trainer ZeRO-1 442, LoRA ZeRO-3 bf16 453: nearly all of it the rank's imports (torch,
+    # DeepSpeed), the cells differ by < 25. 3072 is ~7x the largest: room for heavier releases and
+    # for a CUDA rank's host-side context (not measured here), while a leak that grows through a
+    # nightly (a persistent rank runs every cell of its world size) crosses it before the machine
+    # runs out. NUMERICS_MAX_RSS_MIB overrides it for a machine whose ranks legitimately need more.
+    max_rank_rss_mib: float = field(default_factory=lambda: env_number("NUMERICS_MAX_RSS_MIB", 3072.0))
 
 
 THRESHOLDS = TrainingThresholds()

@@ -18,6 +18,7 @@ after the step is measured on purpose, once, and checked by its own invariant.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, Iterator
 
 import torch
@@ -174,7 +175,9 @@ def run_engine_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     from numerics.faults import get_fault
 
     fault = get_fault(spec.fault)
+    started = time.perf_counter()
     engine, init_checksum = build_engine(spec, fault)
+    built = time.perf_counter()
     workload = get_workload(spec.workload)
     trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), meta=dict(meta), init_checksum=init_checksum,
                   entropy_floor=workload.entropy_floor(spec), entropy_rate=workload.entropy_rate())
@@ -187,6 +190,8 @@ def run_engine_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
                 trace.steps.append(record)
                 if step == 0:
                     trace.step0_grads = {k: v.numpy() for k, v in grads.items()}
+        # Where a cell's time goes (benchmarks/throughput.py): building the engine vs its steps.
+        trace.meta.update(build_s=built - started, steps_s=time.perf_counter() - built)
         if spec.lora:
             lora.record_end(engine, spec, trace.meta, workload.step_batch(spec, spec.steps)["input_ids"])
     finally:

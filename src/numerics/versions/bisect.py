@@ -32,6 +32,7 @@ from packaging.version import Version
 from rich.console import Console
 
 from numerics import matrix
+from numerics.report import SCHEMA
 from numerics.runner import CANNOT
 from numerics.spec import RunSpec
 from numerics.versions import releases
@@ -350,7 +351,7 @@ def boundary(request: Request, found: Search) -> list[tuple[str, str]]:
 def summary(request: Request, found: Search, judge: ReleaseJudge) -> dict[str, Any]:
     """The result as data (``--json``); `summary_lines` prints the same."""
     data: dict[str, Any] = {
-        "package": request.package, "good": request.good.version, "bad": request.bad.version,
+        "schema": SCHEMA, "kind": "bisect", "package": request.package, "good": request.good.version, "bad": request.bad.version,
         "direction": "first fixed" if request.fixing else "first bad", "pins": [str(p) for p in request.pins],
         "cells": [spec.cell_id for spec in request.specs], "selection": list(request.selection), "releases": list(found.releases),
         "outcome": found.outcome, "exit": 0 if found.outcome == FOUND else 1,
@@ -363,6 +364,8 @@ def summary(request: Request, found: Search, judge: ReleaseJudge) -> dict[str, A
     cell, invariants = _first_red_cell(red.records, judge.target)
     labelled = boundary(request, found)
     data.update(boundary=dict(labelled), cell=cell, invariants=invariants, losses=_side_by_side(green, red, cell),
+                curves={side: {"release": trial.release, "losses": _losses(trial, cell)}
+                        for side, trial in (("good", green), ("bad", red))},
                 reproduce=[reproduce_command(request, release, cell) for _, release in labelled])
     return data
 
@@ -407,10 +410,14 @@ def _first_red_cell(records: list[dict[str, Any]], target: Target) -> tuple[str,
     raise ValueError("the first bad release has no bisected failure")  # judge_records said it had
 
 
+def _losses(trial: Trial, cell: str) -> list[float]:
+    [losses] = [r["losses"] or [] for r in trial.records if r["cell"] == cell]
+    return losses
+
+
 def _side_by_side(green: Trial, red: Trial, cell: str) -> dict[str, Any]:
     """Both releases' losses around the first step they differ at (NaN equals NaN here)."""
-    [a] = [r["losses"] or [] for r in green.records if r["cell"] == cell]
-    [b] = [r["losses"] or [] for r in red.records if r["cell"] == cell]
+    a, b = _losses(green, cell), _losses(red, cell)
     steps = max(len(a), len(b))
     diverging = next((s for s in range(steps) if not _same_loss(_at(a, s), _at(b, s))), None)
     before, after = LOSS_CONTEXT

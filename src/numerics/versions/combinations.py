@@ -19,12 +19,12 @@ from rich.console import Console
 from rich.table import Table
 
 from numerics import golden
+from numerics.report import SCHEMA, STATUS_STYLE, write_page
 from numerics.trace import Trace
 from numerics.versions.cells import CANNOT_BUILD_EXIT
 from numerics.versions.resolve import BadPins, Pin, check_published, parse_pins
 
 NON_FINITE = ("nan", "inf", "-inf")  # how report.finite_json writes them
-STATUS_STYLE = {"pass": "green", "fail": "bold red", "xfail": "yellow", "cannot build": "magenta", "cannot run": "magenta"}
 
 
 def parse_axes(texts: list[str]) -> list[list[str]]:
@@ -99,7 +99,7 @@ def run_matrix(combos: list[tuple[Pin, ...]], run_one: Callable[[tuple[Pin, ...]
     rows = compare_columns(columns, cells if cells is not None else list(dict.fromkeys(c for col in columns for c in col.cells)))
     console.print(matrix_table(columns, rows))
     write_matrix(columns, rows, report / "results.json")
-    console.print(f"wrote {report}/results.json (and one report per combination beside it)")
+    console.print(f"wrote {report}/results.json and report.html (and one report per combination beside them)")
     if all(column.exit == CANNOT_BUILD_EXIT for column in columns):
         return CANNOT_BUILD_EXIT
     failed = any(column.exit not in (0, 1, CANNOT_BUILD_EXIT) for column in columns) or \
@@ -161,9 +161,10 @@ def _entry_text(entry: dict[str, Any]) -> str:
 
 def write_matrix(columns: list[Column], rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"baseline": label(columns[0].combination),
+    data = {"schema": SCHEMA, "kind": "versions", "baseline": label(columns[0].combination),
             "combinations": [{"pins": [str(p) for p in c.combination], "exit": c.exit, "report": c.directory_name}
                              for c in columns],
             "cells": [{"cell": cell, "by_combination": dict(zip((label(c.combination) for c in columns), row))}
                       for cell, row in rows.items()]}
     path.write_text(json.dumps(data, indent=1))
+    write_page(data, path.parent)

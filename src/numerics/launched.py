@@ -1,0 +1,139 @@
+"""Cells on ranks an external launcher started: torchrun or the DeepSpeed launcher, over nodes.
+
+`RankPool` spawns its ranks on one machine. A cell wider than one machine (world size 16
+on two 8-GPU nodes) needs the cluster's launcher to start them; every process it starts
+runs ``numerics launched`` with the same selection. Each rank computes the same cell list
+(every cell of that world size), runs the cells in order exactly as a pool rank does
+(`numerics.cells.run_cell`), and sends its trace, or its traceback, to rank 0 over the
+process group the launcher made. Rank 0 judges them as `numerics run` does and writes the
+report. A node that never joins ends the run at the launcher's join timeout; a node or rank
+lost mid-cell ends it at the cell's timeout (a watchdog on every rank) with the report
+written, rather than a hang.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import faulthandler
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from numerics.spec import RunSpec
+
+
+def launched_rank() -> tuple[int, int]:
+    """(rank, world size) the launcher set; a clear error outside a launcher."""
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except KeyError:
+        raise SystemExit("numerics launched runs under torchrun or the DeepSpeed launcher, which set RANK and "
+                         "WORLD_SIZE; on one machine use numerics run") from None
+
+
+def cells_for(world_size: int, full: bool, pattern: str | None) -> list[RunSpec]:
+    from numerics import matrix
+
+    return [spec for spec in matrix.named_cells(full, pattern) if spec.world_size == world_size]
+
+
+def serve(specs: list[RunSpec], rank: int, world_size: int, meta: dict[str, Any], timeout_s: float | None,
+          report: Path) -> list[Any]:
+    """Run every cell on this rank; on rank 0 return their results, judged."""
+    import torch.distributed as dist
+
+    from numerics.launcher import outcome_of, reply_for
+    from numerics.runner import evaluate
+
+    results: list[Any] = []
+    for number, spec in enumerate(specs, 1):
+        started = time.monotonic()
+        if rank == 0:
+            print(f"[{number}/{len(specs)}] running {spec.cell_id}", flush=True)
+        with Watchdog(spec, timeout_s or spec.timeout_s, rank, results, report):
+            reply = reply_for(spec, rank, meta)
+            replies: list[Any] = [None] * world_size if rank == 0 else []
+            dist.gather_object(reply, replies if rank == 0 else None, dst=0)
+        if rank == 0:
+            result = evaluate(outcome_of(spec, dict(enumerate(replies)), world_size, time.monotonic() - started))
+            results.append(result)
+            print(f"[{number}/{len(specs)}] {result.status:5s} {spec.cell_id} ({result.outcome.wall_s:.1f}s)", flush=True)
+    return results
+
+
+class Watchdog:
+    """Ends the run when a cell overruns its timeout. A node or rank lost mid-cell leaves the
+    others waiting in a collective that may never return (DeepSpeed's CPU comm ops do not
+    honour the process group's timeout), and there is no parent to stop them as in our pool:
+    rank 0 writes the report, the overrunning cell failed with every thread's stack, and every
+    rank exits. Armed for one cell at a time."""
+
+    def __init__(self, spec: RunSpec, timeout_s: float, rank: int, results: list[Any], report: Path) -> None:
+        self.spec, self.rank, self.results, self.report = spec, rank, results, report
+        # Rank 0 fires first, so it writes the report before the others leave.
+        self.timer = threading.Timer(timeout_s + (0 if rank == 0 else 30), self.fire, args=(timeout_s,))
+        self.timer.daemon = True
+
+    def __enter__(self) -> Watchdog:
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.cancel()
+
+    def fire(self, timeout_s: float) -> None:
+        if self.rank == 0:
+            from numerics.launcher import CellOutcome
+            from numerics.runner import evaluate
+
+            with tempfile.TemporaryFile("w+") as stacks:
+                faulthandler.dump_traceback(stacks, all_threads=True)
+                stacks.seek(0)
+                error = (f"the launcher's ranks sent no result within {timeout_s:.0f}s: a node or rank lost, or "
+                         f"hung (rank 0's stacks below)\n{stacks.read()}")
+            self.results.append(evaluate(CellOutcome(self.spec, error=error, timed_out=True, wall_s=timeout_s)))
+            print(f"{self.spec.cell_id}: {error.splitlines()[0]}", file=sys.stderr, flush=True)
+            write(self.results, self.report)
+        os._exit(1)
+
+
+def write(results: list[Any], report: Path) -> None:
+    from numerics.report import print_report, write_report
+
+    print_report(results)
+    write_report(results, report)
+    print(f"wrote {report}/results.json, junit.xml and report.html", flush=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cells", metavar="GLOB", help="only cells whose id matches (of the launcher's world size)")
+    parser.add_argument("--full", action="store_true", help="the full product, not the covering subset")
+    parser.add_argument("--report", default="reports/launched", help="rank 0 writes results.json, junit.xml, report.html")
+    parser.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl with a GPU per local rank, else gloo")
+    parser.add_argument("--timeout-s", type=float, default=None,
+                        help="how long one cell may take (default: the cell's own timeout); a node or rank lost "
+                             "mid-cell ends the run then, with the report of what finished and that cell failed")
+
+
+def main(args: argparse.Namespace) -> int:
+    """``numerics launched``, on every rank: exit 2 when no cell matches, 1 on rank 0 when a cell failed."""
+    rank, world_size = launched_rank()
+    specs = cells_for(world_size, args.full, args.cells)
+    if not specs:
+        print(f"no cells of world size {world_size} match {args.cells!r}", file=sys.stderr)
+        return 2
+    from numerics.launcher import start_rank
+    from numerics.platform import choose_backend
+
+    backend = args.backend or choose_backend(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    timeout = datetime.timedelta(seconds=args.timeout_s or max(spec.timeout_s for spec in specs))
+    meta = start_rank(world_size, int(os.environ.get("LOCAL_RANK", rank)), backend, timeout)
+    results = serve(specs, rank, world_size, meta, args.timeout_s, Path(args.report))
+    if rank != 0:
+        return 0
+    write(results, Path(args.report))
+    return 1 if any(r.status == "fail" for r in results) else 0

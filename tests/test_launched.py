@@ -1,0 +1,89 @@
+"""Ranks started by torchrun as two simulated nodes (``--nnodes 2 --nproc-per-node 2`` on
+localhost, gloo) run world-size-4 cells that match the same cells through our own pool,
+verdict for verdict and bit for bit in fp32; a node that never joins, or dies mid-run, ends
+the run in time with the reason."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_interrupted import descendants
+
+from numerics.launcher import free_port
+from numerics.matrix import cells
+
+pytestmark = pytest.mark.multigpu
+
+PATTERN = "zero3-fp32-ws4"  # the stage that partitions most; one cell keeps the test short
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+            "--master-addr", "127.0.0.1"]
+
+
+def node(rank: int, port: int, report: Path, join_timeout_s: int = 120, timeout_s: int = 120) -> subprocess.Popen:
+    """One simulated node: a torchrun agent and its two ranks."""
+    return subprocess.Popen([*TORCHRUN, "--node-rank", str(rank), "--master-port", str(port),
+                             "--rdzv-conf", f"timeout={join_timeout_s}", "-m", "numerics.cli", "launched",
+                             "--cells", PATTERN, "--report", str(report), "--timeout-s", str(timeout_s)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def fingerprint(cell: dict) -> list[tuple]:
+    return [(s["loss"], s["grad_norm"], tuple(s["param_checksums"])) for s in cell["trace"]["steps"]]
+
+
+def test_torchrun_two_nodes_match_the_pool_bit_for_bit(run_cell, tmp_path):
+    port = free_port()
+    nodes = [node(rank, port, tmp_path / "launched") for rank in (0, 1)]
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    launched = {c["cell"]: c for c in json.loads((tmp_path / "launched" / "results.json").read_text())["cells"]}
+    specs = [spec for spec in cells() if spec.cell_id in launched]
+    assert len(specs) == 1, sorted(launched)
+    for spec in specs:
+        pool = run_cell(spec)
+        record = launched[spec.cell_id]
+        assert record["status"] == pool.status == "pass", record["verdicts"]
+        assert [v["status"] for v in record["verdicts"]] == [v.status for v in pool.verdicts]
+        assert fingerprint(record) == [(s.loss, s.grad_norm, tuple(s.param_checksums)) for s in pool.outcome.trace.steps]
+
+
+def test_a_node_that_never_joins_ends_the_run_with_the_reason(tmp_path):
+    with socket.socket() as held:  # no second node: the first waits for it, then gives up
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+    started = time.monotonic()
+    lonely = node(0, port, tmp_path / "launched", join_timeout_s=10)
+    output = lonely.communicate(timeout=120)[0]
+    assert lonely.returncode != 0 and time.monotonic() - started < 60
+    assert "1/2 clients joined" in output, output[-3000:]
+
+
+def test_a_node_that_dies_mid_run_fails_its_cell_and_the_report_is_written(tmp_path):
+    """Node 1 (its agent and ranks) is killed once training started: node 0's ranks wait for it
+    no longer than the cell's timeout, and rank 0 writes the report with the cell failed. (Node 0's
+    torchrun agent then waits at its exit barrier for the dead agent, up to torch's 300 s.)"""
+    port = free_port()
+    survivor = node(0, port, tmp_path / "launched", timeout_s=60)
+    lost = node(1, port, tmp_path / "launched", timeout_s=60)
+    for line in survivor.stdout:
+        if "running " + PATTERN in line:
+            break
+    time.sleep(3)  # the ZeRO-3 engine built, stepping
+    for pid in [lost.pid, *descendants(lost.pid)]:  # torchrun starts its ranks in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    results = tmp_path / "launched" / "results.json"
+    while not results.exists() and time.monotonic() - killed < 150:
+        time.sleep(1)
+    for pid in [survivor.pid, *descendants(survivor.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    output = survivor.communicate()[0]
+    assert results.exists(), f"no report {time.monotonic() - killed:.0f}s after node 1 died:\n{output[-3000:]}"
+    cells = json.loads(results.read_text())["cells"]
+    assert [c["status"] for c in cells] == ["fail"], output[-3000:]
+    assert f"{PATTERN}: the launcher's ranks sent no result within 60s" in output, output[-3000:]
