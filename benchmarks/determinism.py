@@ -32,17 +32,21 @@ def main() -> None:
     args = parser.parse_args()
     specs = matrix.cells(full=args.full, pattern=args.cells)
     runs = []
-    for number in range(1, args.runs + 1):
+    for number in range(1, args.runs + 1):  # compared after every run, so a stopped benchmark still tells
         started = time.perf_counter()
         with PoolSet() as pools:
             runs.append({r.spec.cell_id: r for r in pools.run_all(specs)})
         print(f"run {number}/{args.runs}: {len(specs)} cells in {time.perf_counter() - started:.0f} s", flush=True)
+        compare(runs)
+
+
+def compare(runs: list[dict[str, CellResult]]) -> None:
     first = runs[0]
     verdict_flakes = sorted(c for c in first if any(verdicts(run[c]) != verdicts(first[c]) for run in runs[1:]))
     fp32 = [c for c in first if first[c].spec.dtype == "fp32" and first[c].spec.comm_dtype in (None, "fp32")]
     moved = sorted(c for c in fp32 if any(fingerprint(run[c]) != fingerprint(first[c]) for run in runs[1:]))
-    print(f"{len(specs)} cells x {args.runs} runs: {len(verdict_flakes)} with differing verdicts; "
-          f"{len(fp32)} fp32 cells, {len(moved)} whose traces differ bit-wise")
+    print(f"{len(first)} cells x {len(runs)} runs: {len(verdict_flakes)} with differing verdicts; "
+          f"{len(fp32)} fp32 cells, {len(moved)} whose traces differ bit-wise", flush=True)
     for cell in verdict_flakes:
         print(f"  verdicts differ: {cell}: " + " | ".join(str(verdicts(run[cell])) for run in runs))
     for cell in moved:

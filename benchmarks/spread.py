@@ -96,7 +96,8 @@ def main() -> None:
         for measure, field in MEASURES.items():
             value, _ = worst[group].get(measure, (float("nan"), ""))
             bound = getattr(tol, field)
-            cells.append(f"{value:.2g} / {bound:g} ({bound / value:.0f}x)" if value > 0 else f"{value:.2g} / {bound:g}")
+            headroom = "" if not value > 0 else f" ({bound / value:.0f}x)" if bound / value < 1000 else " (>1000x)"
+            cells.append(f"{value:.2g} / {bound:g}{headroom}")
         table.add_row(group, str(counted[group]), *cells)
     console.print(table)
     for group, measures in sorted(worst.items()):

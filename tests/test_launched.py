@@ -5,7 +5,6 @@ the run in time with the reason."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,11 +52,8 @@ def test_torchrun_two_nodes_match_the_pool_bit_for_bit(run_cell, tmp_path):
 
 
 def test_a_node_that_never_joins_ends_the_run_with_the_reason(tmp_path):
-    with socket.socket() as held:  # no second node: the first waits for it, then gives up
-        held.bind(("127.0.0.1", 0))
-        port = held.getsockname()[1]
     started = time.monotonic()
-    lonely = node(0, port, tmp_path / "launched", join_timeout_s=10)
+    lonely = node(0, free_port(), tmp_path / "launched", join_timeout_s=10)  # node 1 never comes
     output = lonely.communicate(timeout=120)[0]
     assert lonely.returncode != 0 and time.monotonic() - started < 60
     assert "1/2 clients joined" in output, output[-3000:]
@@ -87,3 +83,13 @@ def test_a_node_that_dies_mid_run_fails_its_cell_and_the_report_is_written(tmp_p
     cells = json.loads(results.read_text())["cells"]
     assert [c["status"] for c in cells] == ["fail"], output[-3000:]
     assert f"{PATTERN}: the launcher's ranks sent no result within 60s" in output, output[-3000:]
+
+
+def test_the_deepspeed_launcher_starts_ranks_that_run_cells(tmp_path):
+    """``deepspeed --module numerics.cli launched`` (one node here; ``--hostfile`` for many)."""
+    done = subprocess.run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port",
+                           str(free_port()), "--module", "numerics.cli", "launched", "--cells", "zero0-fp32-ws2",
+                           "--report", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert [(c["cell"], c["status"]) for c in cells] == [("zero0-fp32-ws2", "pass")]

@@ -287,6 +287,8 @@ def add_selection(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="numerics", description=__doc__)
+    # The DeepSpeed launcher passes --local_rank=N before the command (LOCAL_RANK is in the environment too).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     run = add_selection(sub.add_parser("run", help="run the matrix and write a report"))
     run.add_argument("--report", default="reports/latest", help="directory for results.json and junit.xml")
