@@ -9,7 +9,7 @@ from test_invariants import make_trace
 
 from numerics.invariants import Verdict
 from numerics.launcher import CellOutcome
-from numerics.report import results_table, write_report
+from numerics.report import results_table, summary_line, write_report
 from numerics.runner import CellResult, evaluate
 from numerics.spec import RunSpec
 
@@ -85,3 +85,13 @@ def test_results_table_prints_messages_verbatim(message):
     console = Console(file=io.StringIO(), width=250)
     console.print(results_table([result(spec, Verdict("parity_loss", "fail", message, 5))]))
     assert message in console.file.getvalue()
+
+
+def test_the_fp16_lift_is_mentioned_only_when_an_fp16_cell_ran():
+    def lifted(spec):
+        passing = result(spec, Verdict("finite", "pass"))
+        passing.outcome.trace.meta["fp16_check_lifted"] = True  # every rank lifts it at start
+        return passing
+
+    assert "fp16 check lifted" not in summary_line([lifted(RunSpec(dtype="bf16"))])
+    assert "fp16 check lifted" in summary_line([lifted(RunSpec(dtype="bf16")), lifted(RunSpec(comm_dtype="fp16"))])

@@ -68,9 +68,15 @@ def summary_of(cells: list[dict[str, Any]], fp16_check_lifted: bool) -> str:
     return line
 
 
+def fp16_check_lifted(results: list[CellResult]) -> bool:
+    """Whether an fp16 cell ran with DeepSpeed's CPU fp16 check lifted (ranks lift it at start,
+    so only a cell that computes or communicates in fp16 makes it worth saying)."""
+    return any(r.outcome.trace and r.outcome.trace.meta.get("fp16_check_lifted")
+               and "fp16" in (r.spec.dtype, r.spec.comm_dtype, r.spec.base_dtype) for r in results)
+
+
 def summary_line(results: list[CellResult]) -> str:
-    return summary_of([{"status": r.status} for r in results],
-                      any(r.outcome.trace and r.outcome.trace.meta.get("fp16_check_lifted") for r in results))
+    return summary_of([{"status": r.status} for r in results], fp16_check_lifted(results))
 
 
 SCHEMA = 2  # results.json's schema version (docs/results-schema.md); bump on any incompatible change
@@ -138,7 +144,7 @@ def run_header(results: list[CellResult]) -> dict[str, Any]:
     meta = next((r.outcome.trace.meta for r in results if r.outcome.trace is not None), {})
     return {"versions": meta.get("versions") or package_versions(), "backend": meta.get("backend"),
             "device": meta.get("device"), "hardware": hardware(), "git_commit": git_commit(),
-            "fp16_check_lifted": any(r.outcome.trace.meta.get("fp16_check_lifted") for r in results if r.outcome.trace)}
+            "fp16_check_lifted": fp16_check_lifted(results)}
 
 
 def results_data(results: list[CellResult], tests: dict[str, float] | None = None) -> dict[str, Any]:
