@@ -66,9 +66,9 @@ def serve(specs: list[RunSpec], rank: int, world_size: int, meta: dict[str, Any]
 
 
 class Watchdog:
-    """Ends the run when a cell overruns its timeout. A node or rank lost mid-cell leaves the
-    others waiting in a collective that may never return (DeepSpeed's CPU comm ops do not
-    honour the process group's timeout), and there is no parent to stop them as in our pool:
+    """Ends the run when a cell overruns its timeout. A node or rank lost mid-cell can leave the
+    others waiting in a collective that never returns (seen on CPU: the process group's timeout
+    did not end it), and there is no parent to stop them as in our pool:
     rank 0 writes the report, the overrunning cell failed with every thread's stack, and every
     rank exits. Armed for one cell at a time."""
 
