@@ -31,6 +31,9 @@ def rank_environment(rank: int, world_size: int, port: int, backend: str) -> dic
     }
     if backend == "gloo":
         env["DS_ACCELERATOR"] = "cpu"
+        # As DeepSpeed's own launcher does (launcher/launch.py): without it the CPU accelerator's
+        # device_count() runs `numactl --hardware` on every call, once per gradient bucket at ZeRO-3.
+        env["LOCAL_SIZE"] = str(world_size)
     return env
 
 

@@ -67,22 +67,23 @@ def full_grads(engine: Any) -> dict[str, torch.Tensor]:
     """
     from deepspeed.utils import safe_get_full_grad
 
-    grads = {}
-    for name, param in engine.module.named_parameters():
-        if not param.requires_grad:
-            continue
-        grad = safe_get_full_grad(param)
-        grads[name] = torch.zeros(param.ds_shape if hasattr(param, "ds_shape") else param.shape) if grad is None else grad.detach().float().cpu().clone()
-    return grads
+    named = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+    if engine.zero_optimization_stage() == 3:
+        grads = compat.full_grads([p for _, p in named])
+    else:
+        with compat.coalesced_reductions([p for _, p in named]):
+            grads = [safe_get_full_grad(p) for _, p in named]
+    return {name: torch.zeros(param.ds_shape if hasattr(param, "ds_shape") else param.shape) if grad is None
+            else grad.detach().float().cpu().clone() for (name, param), grad in zip(named, grads)}
 
 
 def full_params(engine: Any) -> list[torch.Tensor]:
     """The parameters the optimizer updates, in full, fp32 on CPU: the module's own tensors at
     ZeRO 0-2, where every rank holds them whole; at ZeRO-3 the optimizer's fp32 master,
-    assembled by DeepSpeed's accessor (collective: every rank calls it in the same order)."""
+    assembled from the ranks' partitions (collective: every rank calls it in the same order)."""
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     if engine.zero_optimization_stage() == 3:
-        return [compat.full_fp32_param(p).float().cpu() for p in trainable]
+        return [t.float().cpu().clone() for t in compat.full_fp32_params(trainable)]
     return [p.detach().float().cpu().clone() for p in trainable]
 
 
