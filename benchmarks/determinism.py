@@ -3,7 +3,7 @@
 Every run must give every cell the same verdicts, and every fp32 cell the same trace bit for
 bit (loss, grad norms, every rank's parameter checksum, per step). Prints the counts and each
 cell that differed. Usage:
-    .venv/bin/python benchmarks/determinism.py [--runs 5] [--cells GLOB] [--full]
+    .venv/bin/python benchmarks/determinism.py [--runs 5] [--cells GLOB] [--cover pairs|triples|full]
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import argparse
 import time
 
 from numerics import matrix
+from numerics.cli import add_cover
 from numerics.runner import CellResult, PoolSet
 
 
@@ -28,9 +29,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cells", metavar="GLOB")
-    parser.add_argument("--full", action="store_true")
+    add_cover(parser)
     args = parser.parse_args()
-    specs = matrix.cells(full=args.full, pattern=args.cells)
+    specs = matrix.cells(args.cover, pattern=args.cells)
     runs = []
     for number in range(1, args.runs + 1):  # compared after every run, so a stopped benchmark still tells
         started = time.perf_counter()

@@ -8,7 +8,7 @@ its scale, and the engine's reported norm against ours. Prints the largest sprea
 tolerance class next to the tolerance (`thresholds.py`) and the headroom, so the tolerances
 can be re-derived on new hardware or releases. Known deviations (xfail) are left out, as the
 reasons say; a cell that fails is listed, not measured. Usage:
-    .venv/bin/python benchmarks/spread.py [--cells GLOB] [--full] [--seeds 0 1]
+    .venv/bin/python benchmarks/spread.py [--cells GLOB] [--cover pairs|triples|full] [--seeds 0 1]
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from numerics import matrix
+from numerics.cli import add_cover
 from numerics.invariants import aligned, relative, step0_scale
 from numerics.runner import CellResult, PoolSet
 from numerics.spec import RunSpec
@@ -53,11 +54,11 @@ def tolerance_class(spec: RunSpec) -> str:
     return f"{'lora ' if spec.lora else ''}{effective}"
 
 
-def selection(pattern: str | None, full: bool, seeds: list[int]) -> list[RunSpec]:
+def selection(pattern: str | None, cover: str, seeds: list[int]) -> list[RunSpec]:
     families = [f for f in matrix.FAMILIES if f.name in FAMILIES]
     specs = {}
     for family in families:
-        for axes in matrix.full_product(family) if full else matrix.covering_subset(family):
+        for axes in matrix.family_cells(family, cover):
             for seed in seeds:
                 spec = RunSpec(**matrix.fixed_batch({**family.base, **axes, "seed": seed}))
                 if pattern is None or fnmatch.fnmatch(spec.cell_id, pattern):
@@ -68,13 +69,13 @@ def selection(pattern: str | None, full: bool, seeds: list[int]) -> list[RunSpec
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", metavar="GLOB")
-    parser.add_argument("--full", action="store_true")
+    add_cover(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     console = Console(width=200)  # the table is wide; CI logs have no terminal to size it
     worst: dict[str, dict[str, tuple[float, str]]] = defaultdict(dict)
     counted: dict[str, int] = defaultdict(int)
-    specs = selection(args.cells, args.full, args.seeds)
+    specs = selection(args.cells, args.cover, args.seeds)
     console.print(f"{len(specs)} cells")
     with PoolSet() as pools:
         for result in pools.run_all(specs):

@@ -210,8 +210,8 @@ def test_pre_releases_are_candidates_only_when_asked(fake_releases):
 
 def test_the_fault_cells_clean_twins_can_be_selected_and_run_again():
     """What bisect reports, ``numerics run --full --cells`` selects."""
-    assert [s.cell_id for s in matrix.named_cells(True, TWIN.cell_id)] == [TWIN.cell_id]
-    assert TWIN.cell_id not in {s.cell_id for s in matrix.named_cells(True, None)}
+    assert [s.cell_id for s in matrix.named_cells("full", TWIN.cell_id)] == [TWIN.cell_id]
+    assert TWIN.cell_id not in {s.cell_id for s in matrix.named_cells("full", None)}
 
 
 # -- bad input --------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_a_changed_communication_dtype_moves_at_the_first_reduced_step(run_cell,
     """The golden of a ZeRO-1 fp32 run with fp32 communication, and the same cell once its
     config says bf16: the step-0 loss is computed before any communication and stays
     bit-equal, the step-0 gradient has been through the bf16 reduction and moves."""
-    [cell] = matrix.cells(full=True, pattern="zero1-fp32-comm_fp32-ws2")
+    [cell] = matrix.cells("full", pattern="zero1-fp32-comm_fp32-ws2")
     recorded = run_cell(cell)
     assert golden.record([recorded], tmp_path, update=False) == [f"{cell.cell_id}: recorded (new)"]
     changed = run_cell(cell.with_(comm_dtype="bf16")).outcome.trace

@@ -19,15 +19,16 @@ from numerics.matrix import cells
 pytestmark = pytest.mark.multigpu
 
 PATTERN = "zero3-fp32-ws4"  # the stage that partitions most; one cell keeps the test short
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1"]
+SMALL = "zero3-fp32-ws2"  # two nodes of one rank: where only the lost node matters, half the processes
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--master-addr", "127.0.0.1"]
 
 
-def node(rank: int, port: int, report: Path, join_timeout_s: int = 120, timeout_s: int = 120) -> subprocess.Popen:
-    """One simulated node: a torchrun agent and its two ranks."""
-    return subprocess.Popen([*TORCHRUN, "--node-rank", str(rank), "--master-port", str(port),
-                             "--rdzv-conf", f"timeout={join_timeout_s}", "-m", "numerics.cli", "launched",
-                             "--cells", PATTERN, "--report", str(report), "--timeout-s", str(timeout_s)],
+def node(rank: int, port: int, report: Path, join_timeout_s: int = 120, timeout_s: int = 120,
+         ranks: int = 2, cells: str = PATTERN) -> subprocess.Popen:
+    """One simulated node: a torchrun agent and its ``ranks`` ranks."""
+    return subprocess.Popen([*TORCHRUN, "--nproc-per-node", str(ranks), "--node-rank", str(rank), "--master-port",
+                             str(port), "--rdzv-conf", f"timeout={join_timeout_s}", "-m", "numerics.cli", "launched",
+                             "--cells", cells, "--report", str(report), "--timeout-s", str(timeout_s)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -53,7 +54,7 @@ def test_torchrun_two_nodes_match_the_pool_bit_for_bit(run_cell, tmp_path):
 
 def test_a_node_that_never_joins_ends_the_run_with_the_reason(tmp_path):
     started = time.monotonic()
-    lonely = node(0, free_port(), tmp_path / "launched", join_timeout_s=10)  # node 1 never comes
+    lonely = node(0, free_port(), tmp_path / "launched", join_timeout_s=10, ranks=1, cells=SMALL)  # node 1 never comes
     output = lonely.communicate(timeout=120)[0]
     assert lonely.returncode != 0 and time.monotonic() - started < 60
     assert "1/2 clients joined" in output, output[-3000:]
@@ -64,10 +65,10 @@ def test_a_node_that_dies_mid_run_fails_its_cell_and_the_report_is_written(tmp_p
     no longer than the cell's timeout, and rank 0 writes the report with the cell failed. (Node 0's
     torchrun agent then waits at its exit barrier for the dead agent, up to torch's 300 s.)"""
     port = free_port()
-    survivor = node(0, port, tmp_path / "launched", timeout_s=60)
-    lost = node(1, port, tmp_path / "launched", timeout_s=60)
+    survivor = node(0, port, tmp_path / "launched", timeout_s=30, ranks=1, cells=SMALL)
+    lost = node(1, port, tmp_path / "launched", timeout_s=30, ranks=1, cells=SMALL)
     for line in survivor.stdout:
-        if "running " + PATTERN in line:
+        if "running " + SMALL in line:
             break
     time.sleep(3)  # the ZeRO-3 engine built, stepping
     for pid in [lost.pid, *descendants(lost.pid)]:  # torchrun starts its ranks in sessions of their own
@@ -82,7 +83,7 @@ def test_a_node_that_dies_mid_run_fails_its_cell_and_the_report_is_written(tmp_p
     assert results.exists(), f"no report {time.monotonic() - killed:.0f}s after node 1 died:\n{output[-3000:]}"
     cells = json.loads(results.read_text())["cells"]
     assert [c["status"] for c in cells] == ["fail"], output[-3000:]
-    assert f"{PATTERN}: the launcher's ranks sent no result within 60s" in output, output[-3000:]
+    assert f"{SMALL}: the launcher's ranks sent no result within 30s" in output, output[-3000:]
 
 
 def test_the_deepspeed_launcher_starts_ranks_that_run_cells(tmp_path):

@@ -1,4 +1,4 @@
-"""The default matrix (``--numerics-full`` for the full product): every cell passes or is a known deviation."""
+"""The default matrix (``--numerics-cover pairs|full``, ``--numerics-full``): every cell passes or is a known deviation."""
 import pytest
 
 from numerics import matrix
@@ -10,7 +10,7 @@ pytestmark = pytest.mark.multigpu
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "cell" in metafunc.fixturenames:
         config = metafunc.config
-        specs = matrix.cells(full=config.getoption("numerics_full"))
+        specs = matrix.cells(config.getoption("numerics_cover"))
         if config.getoption("world_size"):
             specs = [s for s in specs if s.world_size == config.getoption("world_size")]
         specs.sort(key=lambda s: s.world_size)  # each pool starts once

@@ -41,9 +41,9 @@ def test_fp32_trace_is_bit_identical_twice(run_cell):
 
 
 def test_hung_cell_fails_within_timeout_with_stacks(run_cell):
-    hung = run_cell(PROBE.with_(fault="rank_hangs", timeout_s=15.0))
+    hung = run_cell(PROBE.with_(fault="rank_hangs", timeout_s=8.0))
     assert hung.outcome.timed_out and hung.status == "fail"
-    assert hung.outcome.wall_s < 15.0 + 5.0
+    assert hung.outcome.wall_s < 8.0 + 5.0
     assert "rank 0 stacks" in hung.outcome.error and "on_reduced" in hung.outcome.error, hung.outcome.error
     assert run_cell(PROBE).status == "pass"
 

@@ -39,7 +39,7 @@ def test_bad_shard_is_refused(text):
 def test_the_full_matrix_splits_into_near_equal_measured_halves():
     """On the shipped measurements: the two halves of the full matrix differ by under 10 %."""
     costs = load_costs("cells")
-    ids = [spec.cell_id for spec in matrix.cells(full=True)]
+    ids = [spec.cell_id for spec in matrix.cells("full")]
     known = {i: costs[i] for i in ids if i in costs}
     assert len(known) > len(ids) / 4, "src/numerics/costs.json measures too few cells: rerun benchmarks/cell_costs.py"
     loads = [sum(known.get(i, 0.0) for i in part) for part in assign(ids, costs, 2)]

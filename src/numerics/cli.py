@@ -49,8 +49,8 @@ def run_cells(specs: list[RunSpec], backend: str | None, console: Console) -> li
 
 
 def selected(args: argparse.Namespace, console: Console) -> list[RunSpec]:
-    """The cells ``--full``, ``--cells``, ``--world-size`` and ``--shard`` name; empty (and said so) if none."""
-    specs = matrix.named_cells(full=args.full, pattern=args.cells)
+    """The cells ``--cover``, ``--cells``, ``--world-size`` and ``--shard`` name; empty (and said so) if none."""
+    specs = matrix.named_cells(args.cover, pattern=args.cells)
     specs = [s for s in specs if s.world_size == args.world_size] if args.world_size else specs
     if not specs:
         console.print(f"no cells match {args.cells!r}")
@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_version_matrix(args, specs, console)
     if args.pin:
         return run_with_pins(args, specs, console)
-    console.print(f"{len(specs)} cells ({'full product' if args.full else 'covering subset; --full for all'})")
+    console.print(f"{len(specs)} cells (cover {args.cover}{'' if args.cover == 'full' else '; --full for every product'})")
     results = run_cells(specs, args.backend, console)
     if args.golden:
         for result in results:
@@ -276,8 +276,16 @@ def shard_arg(text: str) -> shard.Shard:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def add_cover(parser: argparse.ArgumentParser) -> None:
+    """``--cover`` and its shorthand ``--full``: which cells of each family run (`matrix.COVERS`)."""
+    parser.add_argument("--cover", choices=matrix.COVERS, default="triples",
+                        help="triples (default): every stage x dtype with every value of each other axis, and "
+                             "every pair of values; pairs: every stage x dtype and every pair; full: every product")
+    parser.add_argument("--full", dest="cover", action="store_const", const="full", help="--cover full")
+
+
 def add_selection(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--full", action="store_true", help="the full product of every axis, not the covering subset")
+    add_cover(parser)
     parser.add_argument("--cells", metavar="GLOB",
                         help="only cells whose id matches, e.g. 'zero3-*'; also names the fault cells' clean twins")
     parser.add_argument("--world-size", type=int, help="only cells of this world size")

@@ -35,10 +35,10 @@ def launched_rank() -> tuple[int, int]:
                          "WORLD_SIZE; on one machine use numerics run") from None
 
 
-def cells_for(world_size: int, full: bool, pattern: str | None) -> list[RunSpec]:
+def cells_for(world_size: int, cover: str, pattern: str | None) -> list[RunSpec]:
     from numerics import matrix
 
-    return [spec for spec in matrix.named_cells(full, pattern) if spec.world_size == world_size]
+    return [spec for spec in matrix.named_cells(cover, pattern) if spec.world_size == world_size]
 
 
 def serve(specs: list[RunSpec], rank: int, world_size: int, meta: dict[str, Any], timeout_s: float | None,
@@ -111,7 +111,9 @@ def write(results: list[Any], report: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cells", metavar="GLOB", help="only cells whose id matches (of the launcher's world size)")
-    parser.add_argument("--full", action="store_true", help="the full product, not the covering subset")
+    from numerics.cli import add_cover
+
+    add_cover(parser)
     parser.add_argument("--report", default="reports/launched", help="rank 0 writes results.json, junit.xml, report.html")
     parser.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl with a GPU per local rank, else gloo")
     parser.add_argument("--timeout-s", type=float, default=None,
@@ -122,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """``numerics launched``, on every rank: exit 2 when no cell matches, 1 on rank 0 when a cell failed."""
     rank, world_size = launched_rank()
-    specs = cells_for(world_size, args.full, args.cells)
+    specs = cells_for(world_size, args.cover, args.cells)
     if not specs:
         print(f"no cells of world size {world_size} match {args.cells!r}", file=sys.stderr)
         return 2

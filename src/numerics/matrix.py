@@ -1,9 +1,10 @@
 """The matrix: axes, exclusions and families as data, and the cells they expand to.
 
-The full product of every family's axes is ``--full``. The default is a
-covering subset: every stage x dtype combination is kept, and every pair of
-values of any two axes appears in at least one cell, which is how most
-interaction bugs show (a stage with a comm dtype, an optimizer with GA).
+The full product of every family's axes is ``--full`` (cover "full"). The default,
+cover "triples", keeps every stage x dtype combination, puts every value of every other
+axis beside each of them (a bug that needs one stage, one dtype and one value of a third
+axis at once), and every pair of values of any two axes in at least one cell. Cover
+"pairs" drops the triples: the smallest set in which every pair still meets.
 """
 from __future__ import annotations
 
@@ -122,40 +123,54 @@ def full_product(family: Family) -> list[dict[str, Any]]:
     return [axes for axes in combos if not _excluded({**family.base, **axes})]
 
 
-def covering_subset(family: Family) -> list[dict[str, Any]]:
-    """Greedy pairwise cover that keeps the full product of ``family.kept``."""
+def covering_subset(family: Family, triples: bool = True) -> list[dict[str, Any]]:
+    """Greedy cover of every pair of values of two axes, and with ``triples`` of every value of
+    every other axis beside each combination of ``family.kept``; each kept combination first."""
     names = list(family.axes)
     others = [n for n in names if n not in family.kept]
     if not others:
         return full_product(family)
 
-    def pairs(cell: dict[str, Any]) -> set[tuple]:
-        return {((a, cell[a]), (b, cell[b])) for a, b in itertools.combinations(names, 2)}
+    def covered(cell: dict[str, Any]) -> set[tuple]:
+        found = {((a, cell[a]), (b, cell[b])) for a, b in itertools.combinations(names, 2)}
+        if triples:
+            kept = tuple((k, cell[k]) for k in family.kept)
+            found |= {(kept, (a, cell[a])) for a in others}
+        return found
 
-    needed = set().union(*(pairs(c) for c in full_product(family)))
-    chosen: list[dict[str, Any]] = []
     candidates = full_product(family)
+    needed = set().union(*(covered(c) for c in candidates))
+    chosen: list[dict[str, Any]] = []
+
+    def take(options: list[dict[str, Any]]) -> None:
+        best = max(options, key=lambda c: len(covered(c) & needed))
+        chosen.append(best)
+        needed.difference_update(covered(best))
+
     for kept in itertools.product(*(family.axes[k] for k in family.kept)):
-        fixed = dict(zip(family.kept, kept))
-        options = [c for c in candidates if all(c[k] == v for k, v in fixed.items())]
-        if not options:
-            continue
-        best = max(options, key=lambda c: len(pairs(c) & needed))
-        chosen.append(best)
-        needed -= pairs(best)
+        options = [c for c in candidates if all(c[k] == v for k, v in zip(family.kept, kept))]
+        if options:
+            take(options)
     while needed:
-        best = max(candidates, key=lambda c: len(pairs(c) & needed))
-        chosen.append(best)
-        needed -= pairs(best)
+        take(candidates)
     return chosen
 
 
-def cells(full: bool = False, pattern: str | None = None) -> list[RunSpec]:
-    """Every cell of the default (or full) matrix, optionally filtered by a glob on the cell id."""
+COVERS = ("pairs", "triples", "full")
+
+
+def family_cells(family: Family, cover: str) -> list[dict[str, Any]]:
+    if cover not in COVERS:
+        raise ValueError(f"unknown cover {cover!r}; one of {COVERS}")
+    return full_product(family) if cover == "full" else covering_subset(family, triples=cover == "triples")
+
+
+def cells(cover: str = "triples", pattern: str | None = None) -> list[RunSpec]:
+    """Every cell of the matrix at this cover (`COVERS`), optionally filtered by a glob on the cell id."""
     specs: list[RunSpec] = []
     seen: set[str] = set()
     for family in FAMILIES:
-        for axes in full_product(family) if full else covering_subset(family):
+        for axes in family_cells(family, cover):
             spec = RunSpec(**fixed_batch({**family.base, **axes}))
             if spec.cell_id in seen or (pattern and not fnmatch.fnmatch(spec.cell_id, pattern)):
                 continue
@@ -187,11 +202,11 @@ def fault_cell(fault: Fault, clean: bool = False, precision: str = "fp32") -> Ru
     return spec.with_(fault=None, timeout_s=RunSpec.timeout_s) if clean else spec
 
 
-def named_cells(full: bool, pattern: str | None) -> list[RunSpec]:
+def named_cells(cover: str, pattern: str | None) -> list[RunSpec]:
     """`cells`, and when a glob is given, the clean twins of the faults it names too: the cell
     in which a real release reproduces a fault (peft 0.7.0's fp16 adapters are
     ``adapters_in_base_dtype``'s), so what `numerics bisect` reports can be run again."""
-    specs = cells(full, pattern)
+    specs = cells(cover, pattern)
     if pattern is None:
         return specs
     seen = {spec.cell_id for spec in specs}

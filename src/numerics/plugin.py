@@ -27,7 +27,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--world-size", type=int, default=None, help="run only matrix cells of this world size")
     group.addoption("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with a GPU per rank, else gloo")
     group.addoption("--numerics-report", metavar="DIR", default=None, help="write results.json and junit.xml of the cells run")
-    group.addoption("--numerics-full", action="store_true", help="the full matrix product instead of the covering subset")
+    group.addoption("--numerics-cover", choices=("pairs", "triples", "full"), default="triples",
+                    help="which cells of each matrix family (numerics.matrix.COVERS): triples (default), pairs, full")
+    group.addoption("--numerics-full", dest="numerics_cover", action="store_const", const="full", help="--numerics-cover full")
     group.addoption("--numerics-shard", metavar="I/N", default=None,
                     help="run only the I-th of N slices of the selected tests, balanced by measured cost (1-based)")
     group.addoption("--numerics-golden", metavar="DIR", default=None,

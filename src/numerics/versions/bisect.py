@@ -144,7 +144,7 @@ def make_request(package: str, good: str, bad: str, pins: list[str], pattern: st
             raise BadPins("give --cells or a pytest selection after --, not both")
         check_published((good_pin, bad_pin, *others))
         return Request(good_pin.name, good_pin, bad_pin, others, (), invariant, pre, tuple(selection))
-    specs = matrix.named_cells(full=True, pattern=pattern)
+    specs = matrix.named_cells("full", pattern=pattern)
     if not specs:
         raise BadPins(f"no cell matches --cells {pattern!r} (a glob over the full matrix's cell ids "
                       f"and the fault cells' clean twins)")
