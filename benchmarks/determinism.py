@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from numerics import matrix
-from numerics.runner import CellResult, PoolSet
+from numerics.cell import matrix
+from numerics.run.runner import CellResult, PoolSet
 
 
 def fingerprint(result: CellResult) -> list[tuple]:
