@@ -1,7 +1,7 @@
-"""Measured cost of every cell and test, for balancing shards (`numerics.shard`).
+"""Measured cost of every cell and test, for balancing shards (`numerics.show.shard`).
 
 Reads the ``results.json`` of one or more runs (``numerics run --full --report DIR``,
-``pytest --numerics-report DIR``) and writes ``src/numerics/costs.json``: each cell's wall
+``pytest --numerics-report DIR``) and writes ``src/numerics/show/costs.json``: each cell's wall
 seconds in the pool and each test's seconds. Prints how well the measured costs split into
 ``--shards`` (the largest shard over the mean). Usage:
     .venv/bin/python benchmarks/cell_costs.py reports/full reports/tests [--shards 4]
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from numerics import report, shard
+from numerics.show import results, shard
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     costs: dict[str, dict[str, float]] = {"cells": {}, "tests": {}}
     for directory in args.reports:
-        data = report.load(directory)
+        data = results.load(directory)
         costs["cells"].update({c["cell"]: round(c["wall_s"], 2) for c in data["cells"]})
         costs["tests"].update({k: round(v, 2) for k, v in data.get("tests", {}).items()})
     args.out.write_text(json.dumps({kind: dict(sorted(v.items())) for kind, v in costs.items()}, indent=0) + "\n")

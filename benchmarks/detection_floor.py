@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from numerics.invariants import step0_scale
-from numerics.reference import reference_trace
-from numerics.runner import CellResult, PoolSet
-from numerics.spec import LORA_INVARIANTS, RunSpec
+from numerics.cell.invariant_sets import LORA_INVARIANTS
+from numerics.cell.spec import RunSpec
+from numerics.judge.invariants import step0_scale
+from numerics.run.reference import reference_trace
+from numerics.run.runner import CellResult, PoolSet
 
 GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 PRECISIONS: dict[str, dict] = {  # name -> RunSpec fields

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from numerics import matrix
-from numerics.cli import add_cover
-from numerics.runner import CellResult, PoolSet
+from numerics.cell import matrix
+from numerics.show.cli import add_cover
+from numerics.run.runner import CellResult, PoolSet
 
 
 def fingerprint(result: CellResult) -> list[tuple]:

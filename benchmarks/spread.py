@@ -20,12 +20,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from numerics import matrix
-from numerics.cli import add_cover
-from numerics.invariants import aligned, relative, step0_scale
-from numerics.runner import CellResult, PoolSet
-from numerics.spec import RunSpec
-from numerics.thresholds import PRECISION_ORDER, tolerance
+from numerics.cell import matrix
+from numerics.cell.spec import RunSpec
+from numerics.judge.invariants import aligned, relative, step0_scale
+from numerics.judge.thresholds import PRECISION_ORDER, tolerance
+from numerics.run.runner import CellResult, PoolSet
+from numerics.show.cli import add_cover
 
 MEASURES = {  # measure -> the Tolerance field it bounds
     "loss": "loss_rtol", "grad norm": "grad_rtol", "step-0 gradient": "step0_grad_rtol",

@@ -16,10 +16,10 @@ import sys
 import time
 from collections import defaultdict
 
-from numerics import matrix
-from numerics.launcher import RankPool
-from numerics.runner import PoolSet
-from numerics.spec import RunSpec
+from numerics.cell import matrix
+from numerics.cell.spec import RunSpec
+from numerics.run.launcher import RankPool
+from numerics.run.runner import PoolSet
 
 PARTS = ("build", "steps", "rest on rank", "hand-off", "verdicts")
 

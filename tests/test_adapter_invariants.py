@@ -2,10 +2,10 @@
 import math
 
 import pytest
-from test_invariants import make_trace
+from conftest import make_trace
 
-from numerics.invariants import check
-from numerics.spec import RunSpec
+from numerics.cell.spec import RunSpec
+from numerics.judge.invariants import check
 
 LORA = RunSpec(lora=True, zero_stage=0, base_dtype="fp16", optimizer_source="client")
 HEALTHY = dict(

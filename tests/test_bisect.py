@@ -5,14 +5,22 @@ input as exit 2. Only the unpublished-release test asks the package index, and s
 the reason when it cannot be reached."""
 import pytest
 
-from numerics import matrix
-from numerics.cli import main
-from numerics.faults import FAULTS
-from numerics.matrix import fault_cell
-from numerics.report_page import render
+from numerics.cell import matrix
+from numerics.cell.faults import FAULTS
+from numerics.cell.matrix import fault_cell
+from numerics.show.cli import main
+from numerics.show.report_page import render
 from numerics.versions import bisect
-from numerics.versions.bisect import (ENDS_DO_NOT_DIFFER, END_NOT_JUDGED, FOUND, ONLY_SKIPPED_LEFT, RecordCache,
-                                      Request, judge_records, search)
+from numerics.versions.bisect import (
+    END_NOT_JUDGED,
+    ENDS_DO_NOT_DIFFER,
+    FOUND,
+    ONLY_SKIPPED_LEFT,
+    RecordCache,
+    Request,
+    judge_records,
+    search,
+)
 from numerics.versions.environments import Environment
 from numerics.versions.releases import IndexUnreachable, published_versions
 from numerics.versions.resolve import CannotBuild, Pin

@@ -7,13 +7,13 @@ import xml.etree.ElementTree as ET
 import pytest
 from rich.console import Console
 
-from numerics import deviations
-from numerics.invariants import Verdict
-from numerics.launcher import CellOutcome
-from numerics.plugin import expect_pass
-from numerics.report import print_report, write_report
-from numerics.runner import evaluate
-from numerics.spec import RunSpec
+from numerics.cell.spec import RunSpec
+from numerics.judge import deviations
+from numerics.judge.invariants import Verdict
+from numerics.run.launcher import CellOutcome
+from numerics.run.runner import evaluate
+from numerics.show.plugin import expect_pass
+from numerics.show.report import print_report, write_report
 
 SPEC = RunSpec(zero_stage=3, driver="trainer")
 REASON = "transformers 4.30.0: TrainingArguments takes no 'eval_strategy' nor 'evaluation_strategy'"
@@ -75,19 +75,19 @@ def test_a_known_crash_is_excused_only_by_what_it_says(message, expected):
 
 
 def test_a_crash_of_a_bisected_release_is_judged_by_the_runner():
-    from numerics.launcher import CellOutcome
-    from numerics.runner import evaluate
+    from numerics.run.launcher import CellOutcome
+    from numerics.run.runner import evaluate
 
     outcome = CellOutcome(RunSpec(zero_stage=1), error="rank 0 raised:\nRuntimeError: Output 0 of Split is a view ...")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("numerics.runner.package_versions", lambda: {"deepspeed": "0.18.7"})
+        patch.setattr("numerics.run.runner.package_versions", lambda: {"deepspeed": "0.18.7"})
         assert evaluate(outcome).status == "xfail"
 
 
 def test_a_bf16_cell_on_a_gpu_without_bf16_cannot_run(monkeypatch):
     import torch
 
-    from numerics.cells import require_bf16_on_gpu
+    from numerics.run.drivers import require_bf16_on_gpu
     from numerics.versions.compat import Unsupported
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)

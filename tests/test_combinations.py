@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from numerics.cli import main
+from numerics.show.cli import main
 from numerics.versions import combinations as vm
 from numerics.versions.resolve import BadPins, Pin
 

@@ -3,9 +3,9 @@ one, naming the step, and passes on a good one (the end-to-end faults are in tes
 import numpy as np
 import pytest
 
-from numerics.invariants import check
-from numerics.thresholds import THRESHOLDS
-from numerics.trace import StepRecord, Trace
+from numerics.judge.invariants import check
+from numerics.judge.thresholds import THRESHOLDS
+from numerics.judge.trace import StepRecord, Trace
 
 STEPS, EPOCH = 24, 8
 

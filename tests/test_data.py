@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from numerics.data import global_batch, markov_chain, micro_batch_indices, sample_sequence
+from numerics.cell.data import global_batch, markov_chain, micro_batch_indices, sample_sequence
 
 CHAIN = markov_chain()
 

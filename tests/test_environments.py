@@ -12,11 +12,11 @@ import urllib.request
 import pytest
 from packaging.version import Version
 
-from numerics.cli import main
-from numerics.versions.combinations import without_options
-from numerics.platform import package_versions
+from numerics.run.platform import package_versions
+from numerics.show.cli import main
 from numerics.versions import environments
 from numerics.versions.cells import CANNOT_BUILD_EXIT, rank_versions
+from numerics.versions.combinations import without_options
 from numerics.versions.constraints import extra_constraints
 from numerics.versions.resolve import BadPins, CannotBuild, Pin, check_published, parse_pins, resolve, uv_reason
 

@@ -1,9 +1,9 @@
-"""An n/a passes a cell only where the cell's spec declares it (numerics.expected_na)."""
-from numerics.expected_na import EXPECTED_NA, judge_na
-from numerics.invariants import Verdict, check
-from numerics.spec import RunSpec
+"""An n/a passes a cell only where the cell's spec declares it (numerics.judge.expected_na)."""
+from conftest import make_trace
 
-from test_invariants import make_trace
+from numerics.cell.spec import RunSpec
+from numerics.judge.expected_na import EXPECTED_NA, judge_na
+from numerics.judge.invariants import Verdict, check
 
 
 def test_declared_na_keeps_its_reason():
@@ -26,7 +26,7 @@ def test_other_verdicts_pass_through_unchanged():
 
 
 def test_every_entry_names_a_known_invariant_and_real_spec_fields():
-    from numerics.invariants import INVARIANTS
+    from numerics.judge.invariants import INVARIANTS
 
     fields = RunSpec().to_dict()
     for entry in EXPECTED_NA:

@@ -2,8 +2,8 @@
 invariant it targets (not merely by ``finite``), and the same cell without it passes."""
 import pytest
 
-from numerics.faults import FAULTS, UNDETECTED
-from numerics.matrix import fault_cell, fault_precisions
+from numerics.cell.faults import FAULTS, UNDETECTED
+from numerics.cell.matrix import fault_cell, fault_precisions
 
 pytestmark = pytest.mark.multigpu
 

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from numerics import golden, matrix
-from numerics.trace import StepRecord, Trace
+from numerics.cell import matrix
+from numerics.judge import golden
+from numerics.judge.trace import StepRecord, Trace
 
 SPEC = {"dtype": "fp32", "comm_dtype": None}
 

@@ -4,9 +4,9 @@ whole batch's losses and gradients, as long as the loss is normalised by the ste
 token count; the per-micro-batch mean (fault ``naive_token_mean``) changes both."""
 import pytest
 
-from numerics.invariants import check
-from numerics.plugin import expect_pass
-from numerics.spec import RunSpec
+from numerics.cell.spec import RunSpec
+from numerics.judge.invariants import check
+from numerics.show.plugin import expect_pass
 
 pytestmark = pytest.mark.multigpu
 

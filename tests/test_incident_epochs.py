@@ -3,9 +3,9 @@ finite dataset passes ``epoch_continuity`` and ``eval_present``; an optimizer re
 and an eval that stops after the first epoch each fail the invariant that targets them."""
 import pytest
 
-from numerics.faults import FAULTS
-from numerics.matrix import fault_cell
-from numerics.plugin import expect_pass
+from numerics.cell.faults import FAULTS
+from numerics.cell.matrix import fault_cell
+from numerics.show.plugin import expect_pass
 
 pytestmark = pytest.mark.multigpu
 

@@ -5,10 +5,10 @@ import statistics
 
 import pytest
 
-from numerics.faults import FAULTS
-from numerics.matrix import fault_cell
-from numerics.plugin import expect_pass
-from numerics.workloads import OverfitPair
+from numerics.cell.faults import FAULTS
+from numerics.cell.matrix import fault_cell
+from numerics.cell.workloads import OverfitPair
+from numerics.show.plugin import expect_pass
 
 pytestmark = pytest.mark.multigpu
 

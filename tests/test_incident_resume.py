@@ -3,9 +3,9 @@ exactly as the same run uninterrupted, at every ZeRO stage; resuming without the
 state (Adam moments reset) must be caught by ``resume_matches``, not merely by ``finite``."""
 import pytest
 
-from numerics.faults import FAULTS
-from numerics.matrix import fault_cell
-from numerics.plugin import expect_pass
+from numerics.cell.faults import FAULTS
+from numerics.cell.matrix import fault_cell
+from numerics.show.plugin import expect_pass
 
 pytestmark = pytest.mark.multigpu
 

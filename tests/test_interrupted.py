@@ -6,33 +6,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import descendants
 
 pytestmark = pytest.mark.multigpu
 
 # Three cheap default cells: SIGTERM lands after the first, before the last.
 CELLS = ["zero0-fp32-ws2", "zero1-fp32-comm_fp32-ws2", "zero2-fp32-comm_fp16-ws2"]
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process under ``pid`` (from /proc: no psutil)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def terminate_after_first_cell(command: list[str], finished: str) -> tuple[subprocess.Popen, str, set[int]]:
@@ -61,7 +42,7 @@ def assert_ranks_ended(ranks: set[int]) -> None:
 
 def test_numerics_run_writes_the_partial_report(tmp_path):
     process, output, ranks = terminate_after_first_cell(
-        [sys.executable, "-m", "numerics.cli", "run", "--cells", "zero[0-2]-fp32-*ws2", "--report", str(tmp_path)],
+        [sys.executable, "-m", "numerics.show.cli", "run", "--cells", "zero[0-2]-fp32-*ws2", "--report", str(tmp_path)],
         "pass  zero0")
     assert process.returncode == 130, output[-3000:]
     assert "interrupted (signal SIGTERM)" in output

@@ -4,29 +4,11 @@ import math
 
 import numpy as np
 import pytest
+from conftest import GOOD_LOSSES, SPEC, STEPS, make_trace
 
-from numerics.data import markov_chain
-from numerics.invariants import PER_STEP, check
-from numerics.spec import DEFAULT_INVARIANTS, RunSpec
-from numerics.thresholds import TOLERANCES, tolerance
-from numerics.trace import StepRecord, Trace
-from numerics.workloads import get_workload
-
-STEPS = 16
-SPEC = RunSpec(zero_stage=2, dtype="fp32")
-
-
-def make_trace(losses=None, grad_norms=None, reported="same", checksums=2, gathered=2, spec=SPEC, **fields) -> Trace:
-    """A healthy 16-step trace (loss 4.1 -> ~3.7, grad norm ~1 decaying) unless told otherwise."""
-    losses = list(np.linspace(4.1, 3.7, STEPS)) if losses is None else losses
-    grad_norms = [1.0 - 0.01 * i for i in range(len(losses))] if grad_norms is None else grad_norms
-    reported = grad_norms if reported == "same" else reported
-    steps = [StepRecord(step=i, loss=float(loss), grad_norm=g, grad_norm_reported=r,
-                        param_checksums=[f"sum{i}"] * checksums, gathered_errors=[0.0] * gathered)
-             for i, (loss, g, r) in enumerate(zip(losses, grad_norms, reported))]
-    defaults = dict(init_checksum="init0", step0_grads={"w": np.ones((3, 4)), "b": np.full(5, 0.5)},
-                    entropy_rate=markov_chain().entropy_rate, entropy_floor=get_workload("markov").entropy_floor(spec))
-    return Trace(cell=spec.cell_id, spec=spec.to_dict(), steps=steps, **{**defaults, **fields})
+from numerics.cell.invariant_sets import DEFAULT_INVARIANTS, INVARIANT_NAMES
+from numerics.judge.invariants import INVARIANTS, PER_STEP, check, invariant
+from numerics.judge.thresholds import TOLERANCES, tolerance
 
 
 def verdict(name, trace, reference="self"):
@@ -40,7 +22,6 @@ def with_step(values, step, value):
     return values
 
 
-GOOD_LOSSES = make_trace().values("loss")
 GOOD_GRADS = make_trace().values("grad_norm")
 
 
@@ -159,6 +140,14 @@ def test_spike_after_vanished_gradients_is_a_verdict_not_a_crash():
 def test_check_rejects_unknown_invariants():
     with pytest.raises(KeyError, match="no_such"):
         check(make_trace(), None, ("finite", "no_such"))
+
+
+def test_the_judge_checks_exactly_the_names_a_cell_may_declare():
+    """A RunSpec validates its invariants against the names as data (cell/invariant_sets.py),
+    so every name there needs its check here, and no check may go by a name not listed."""
+    assert sorted(INVARIANTS) == sorted(INVARIANT_NAMES)
+    with pytest.raises(ValueError, match="INVARIANT_NAMES"):
+        invariant("vibes")
 
 
 def test_gathered_params_match_fails_on_nan():

@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from numerics.invariants import check
-from numerics.label_mask import IGNORE, check_label_mask, mask_labels
-from numerics.spec import RunSpec
-from numerics.trace import StepRecord, Trace
-from numerics.workloads import TAGS, OverfitPair, get_workload
+from numerics.cell.label_mask import IGNORE, check_label_mask, mask_labels
+from numerics.cell.spec import RunSpec
+from numerics.cell.workloads import TAGS, OverfitPair, get_workload
+from numerics.judge.invariants import check
+from numerics.judge.trace import StepRecord, Trace
 
 OVERFIT = RunSpec(workload="overfit", world_size=2, micro_batch=1)
 PADDED = RunSpec(workload="padded", world_size=1, micro_batch=8)

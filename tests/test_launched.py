@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_interrupted import descendants
+from conftest import descendants
 
-from numerics.launcher import free_port
-from numerics.matrix import cells
+from numerics.cell.matrix import cells
+from numerics.run.launcher import free_port
 
 pytestmark = pytest.mark.multigpu
 
@@ -27,7 +27,7 @@ def node(rank: int, port: int, report: Path, join_timeout_s: int = 120, timeout_
          ranks: int = 2, cells: str = PATTERN) -> subprocess.Popen:
     """One simulated node: a torchrun agent and its ``ranks`` ranks."""
     return subprocess.Popen([*TORCHRUN, "--nproc-per-node", str(ranks), "--node-rank", str(rank), "--master-port",
-                             str(port), "--rdzv-conf", f"timeout={join_timeout_s}", "-m", "numerics.cli", "launched",
+                             str(port), "--rdzv-conf", f"timeout={join_timeout_s}", "-m", "numerics.show.cli", "launched",
                              "--cells", cells, "--report", str(report), "--timeout-s", str(timeout_s)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -87,9 +87,9 @@ def test_a_node_that_dies_mid_run_fails_its_cell_and_the_report_is_written(tmp_p
 
 
 def test_the_deepspeed_launcher_starts_ranks_that_run_cells(tmp_path):
-    """``deepspeed --module numerics.cli launched`` (one node here; ``--hostfile`` for many)."""
+    """``deepspeed --module numerics.show.cli launched`` (one node here; ``--hostfile`` for many)."""
     done = subprocess.run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port",
-                           str(free_port()), "--module", "numerics.cli", "launched", "--cells", "zero0-fp32-ws2",
+                           str(free_port()), "--module", "numerics.show.cli", "launched", "--cells", "zero0-fp32-ws2",
                            "--report", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     cells = json.loads((tmp_path / "results.json").read_text())["cells"]

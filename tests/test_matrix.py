@@ -1,8 +1,8 @@
 """The default matrix (``--numerics-cover pairs|full``, ``--numerics-full``): every cell passes or is a known deviation."""
 import pytest
 
-from numerics import matrix
-from numerics.plugin import expect_pass
+from numerics.cell import matrix
+from numerics.show.plugin import expect_pass
 
 pytestmark = pytest.mark.multigpu
 

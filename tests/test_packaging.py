@@ -7,14 +7,14 @@ import sys
 import zipfile
 from pathlib import Path
 
-from numerics.spec import DS_CONFIG_DIR
+from numerics.cell.spec import DS_CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_repository_root_links_to_the_packaged_templates():
     assert (ROOT / "ds_configs").resolve() == DS_CONFIG_DIR, "README points readers at ds_configs/"
-    assert DS_CONFIG_DIR.parent == Path(sys.modules["numerics.spec"].__file__).resolve().parent
+    assert DS_CONFIG_DIR.parent == Path(sys.modules["numerics.cell.spec"].__file__).resolve().parent
 
 
 def test_an_installed_wheel_renders_configs_from_its_own_templates(tmp_path):
@@ -26,16 +26,16 @@ def test_an_installed_wheel_renders_configs_from_its_own_templates(tmp_path):
                     "-w", str(tmp_path / "dist")], check=True)
     [wheel] = (tmp_path / "dist").glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        shipped = {name for name in archive.namelist() if name.startswith("numerics/ds_configs/")}
+        shipped = {name for name in archive.namelist() if name.startswith("numerics/cell/ds_configs/")}
         archive.extractall(tmp_path / "site")
-        assert "numerics/costs.json" in archive.namelist(), "shards balance by it (numerics.shard)"
-    assert shipped == {f"numerics/ds_configs/{path.name}" for path in DS_CONFIG_DIR.glob("*.json")}
+        assert "numerics/show/costs.json" in archive.namelist(), "shards balance by it (numerics.show.shard)"
+    assert shipped == {f"numerics/cell/ds_configs/{path.name}" for path in DS_CONFIG_DIR.glob("*.json")}
 
-    script = ("from numerics.spec import DS_CONFIG_DIR, RunSpec\n"
+    script = ("from numerics.cell.spec import DS_CONFIG_DIR, RunSpec\n"
               "assert RunSpec(zero_stage=3, dtype='fp16').ds_config()['zero_optimization']['stage'] == 3\n"
               "print(DS_CONFIG_DIR)")
     installed = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
                                capture_output=True, text=True)
     assert installed.returncode == 0, installed.stderr
-    assert installed.stdout.strip() == str(tmp_path / "site" / "numerics" / "ds_configs"), \
+    assert installed.stdout.strip() == str(tmp_path / "site" / "numerics" / "cell" / "ds_configs"), \
         f"the installed copy read templates from {installed.stdout.strip()}, not its own"

@@ -1,19 +1,12 @@
 """The rank pool: cells after a fault or a failure run as in a fresh spawn, bit for bit;
 a hung cell fails within its timeout with every rank's stacks, a killed rank within seconds;
 fp32 is reproducible; a closed pool leaves no process behind."""
-import os
-from pathlib import Path
-
 import pytest
+from conftest import PROBE, children
 
-from numerics.launcher import RankPool
-from numerics.spec import DEFAULT_INVARIANTS, RunSpec
+from numerics.run.launcher import RankPool
 
 pytestmark = pytest.mark.multigpu
-
-# fp32: traces must match bit for bit. Six steps are too few for `learns` (two windows of 4),
-# whose n/a would fail the cell: a short cell says what it is not held to.
-PROBE = RunSpec(zero_stage=2, steps=6, invariants=tuple(i for i in DEFAULT_INVARIANTS if i != "learns"))
 
 
 def fingerprint(result) -> list[tuple]:
@@ -58,21 +51,6 @@ def test_killed_rank_fails_its_cell_at_once_naming_the_signal(run_cell):
     assert run_cell(PROBE).status == "pass"
 
 
-def children() -> dict[int, str]:
-    """This process's child processes, pid -> "name (state)", from /proc: psutil is not a dependency."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # exited while we looked
-            continue
-        name, _, rest = text.rpartition(")")  # the name may hold spaces and parentheses
-        state, ppid = rest.split()[:2]
-        if int(ppid) == os.getpid():
-            found[int(stat.parent.name)] = f"{name.partition('(')[2]} ({state})"
-    return found
-
-
 def test_a_closed_pool_leaves_no_process_behind():
     from multiprocessing import resource_tracker
 
@@ -96,7 +74,7 @@ def test_ranks_exit_when_the_parent_is_killed(busy):
     import time
 
     work = "pool.run(RunSpec(fault='rank_hangs', zero_stage=1, timeout_s=600.0))" if busy else "time.sleep(600)"
-    script = ("import sys, time\nfrom numerics.launcher import RankPool\nfrom numerics.spec import RunSpec\n"
+    script = ("import sys, time\nfrom numerics.run.launcher import RankPool\nfrom numerics.cell.spec import RunSpec\n"
               "pool = RankPool(2)\npool.start()\n"
               f"print('ranks:', *[p.pid for p in pool._processes], flush=True)\n{work}\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

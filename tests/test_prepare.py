@@ -1,5 +1,5 @@
 """Building DeepSpeed's CPU ops: a build killed midway must not leave every later load waiting."""
-from numerics.prepare import sole_builder
+from numerics.run.prepare import sole_builder
 
 
 def test_a_dead_builds_torch_lock_is_cleared(tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from numerics.faults import FAULTS
-from numerics.matrix import fault_cell
-from numerics.platform import package_versions
+from numerics.cell.faults import FAULTS
+from numerics.cell.matrix import fault_cell
+from numerics.run.platform import package_versions
 from numerics.versions.cells import run_cells_in
 from numerics.versions.environments import Environment, build
 from numerics.versions.resolve import Pin, parse_pins

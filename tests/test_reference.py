@@ -1,10 +1,10 @@
 """The plain-torch reference: what it depends on, and how it lines up with a cell that skipped steps."""
 import json
 
-from numerics.invariants import check
-from numerics.reference import ReferenceKey, applied_samples, reference_trace
-from numerics.spec import RunSpec
-from numerics.trace import StepRecord, Trace
+from numerics.cell.spec import RunSpec
+from numerics.judge.invariants import check
+from numerics.judge.trace import StepRecord, Trace
+from numerics.run.reference import ReferenceKey, applied_samples, reference_trace
 
 SPEC = RunSpec(world_size=1, steps=6, seed=3)
 WARMUP = {"scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": SPEC.lr,

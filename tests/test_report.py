@@ -4,19 +4,14 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
+from conftest import result
 from rich.console import Console
-from test_invariants import make_trace
 
-from numerics.invariants import Verdict
-from numerics.launcher import CellOutcome
-from numerics.report import results_table, summary_line, write_report
-from numerics.runner import CellResult, evaluate
-from numerics.spec import RunSpec
-
-
-def result(spec, *verdicts, trace=True):
-    outcome = CellOutcome(spec, trace=make_trace(spec=spec) if trace else None, wall_s=1.5)
-    return CellResult(outcome, [Verdict("completes", "pass"), *verdicts])
+from numerics.cell.spec import RunSpec
+from numerics.judge.invariants import Verdict
+from numerics.run.launcher import CellOutcome
+from numerics.run.runner import evaluate
+from numerics.show.report import results_table, summary_line, write_report
 
 
 @pytest.fixture

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_invariants import make_trace
-from test_report import result
+from conftest import make_trace, result
 
-from numerics import report
-from numerics.cli import main
-from numerics.invariants import Verdict
-from numerics.spec import RunSpec
+from numerics.cell.spec import RunSpec
+from numerics.judge.invariants import Verdict
+from numerics.show import report, results
+from numerics.show.cli import main
 
 FAILING = RunSpec(zero_stage=2, dtype="bf16", comm_dtype="fp16")
 PASSING = RunSpec(zero_stage=1)
@@ -38,7 +37,7 @@ def test_page_holds_the_grid_the_failing_cell_and_its_curves(report_dir):
     assert page.count("data:image/png;base64,") == 2  # the failing cell open, the passing one on demand
     assert "http://" not in page and "https://" not in page  # self-contained: no network
     data = json.loads((report_dir / "results.json").read_text())
-    assert data["schema"] == report.SCHEMA and data["kind"] == "matrix"
+    assert data["schema"] == results.SCHEMA and data["kind"] == "matrix"
     failing = next(c for c in data["cells"] if c["cell"] == FAILING.cell_id)
     assert failing["first_bad_step"] == 9 and len(failing["reference"]["loss"]) == 16
 
@@ -94,10 +93,10 @@ FAKE_CELLS = '''
 import sys
 sys.path.insert(0, {tests!r})
 import pytest
-from test_report import result
-from numerics.invariants import Verdict
-from numerics.plugin import RESULTS_KEY
-from numerics.spec import RunSpec
+from conftest import result
+from numerics.judge.invariants import Verdict
+from numerics.show.plugin import RESULTS_KEY
+from numerics.cell.spec import RunSpec
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_cell(stage, request):

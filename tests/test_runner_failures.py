@@ -4,16 +4,14 @@ import signal
 import socket
 
 import pytest
+from conftest import GOOD_LOSSES, PROBE, SPEC, make_trace
 
-from numerics import launcher
-from numerics.invariants import INVARIANTS, check
-from numerics.launcher import CellOutcome, exit_description, merge_rank_traces
-from numerics.runner import PoolSet, evaluate
-from numerics.spec import DEFAULT_INVARIANTS
-from numerics.thresholds import TrainingThresholds
-
-from test_invariants import GOOD_LOSSES, SPEC, make_trace
-from test_pool import PROBE
+from numerics.cell.invariant_sets import DEFAULT_INVARIANTS
+from numerics.judge.invariants import INVARIANTS, check
+from numerics.judge.thresholds import TrainingThresholds
+from numerics.run import launcher
+from numerics.run.launcher import CellOutcome, exit_description, merge_rank_traces
+from numerics.run.runner import PoolSet, evaluate
 
 HEALTHY_PEAKS = (430.0, 431.0)  # MiB per rank, as a real ws2 cell measures (thresholds.max_rank_rss_mib)
 
@@ -28,7 +26,7 @@ def outcome(trace=None, peaks=HEALTHY_PEAKS) -> CellOutcome:
 @pytest.fixture
 def self_reference(monkeypatch):
     """The healthy hand-made trace is its own reference, as a healthy run's reference would be."""
-    monkeypatch.setattr("numerics.runner.reference_trace", lambda spec, trace: make_trace())
+    monkeypatch.setattr("numerics.run.runner.reference_trace", lambda spec, trace: make_trace())
 
 
 def failures(result) -> dict[str, str]:
@@ -42,9 +40,9 @@ def test_a_healthy_hand_made_cell_passes(self_reference):
 
 
 @pytest.mark.parametrize("target, stage", [
-    ("numerics.runner.reference_trace", "reference"),
-    ("numerics.runner.judge_na", "evaluate"),
-    ("numerics.deviations.apply", "deviations"),
+    ("numerics.run.runner.reference_trace", "reference"),
+    ("numerics.run.runner.judge_na", "evaluate"),
+    ("numerics.judge.deviations.apply", "deviations"),
 ])
 def test_a_judging_stage_that_raises_fails_only_its_cell(target, stage, monkeypatch, self_reference):
     def broken(*args, **kwargs):
@@ -63,7 +61,7 @@ def test_a_judging_stage_that_raises_fails_only_its_cell(target, stage, monkeypa
 def test_a_trace_longer_than_its_reference_fails_parity_with_the_traceback(monkeypatch, self_reference):
     """16 steps judged against a 10-step reference: parity indexes past the reference's end."""
     with monkeypatch.context() as patch:
-        patch.setattr("numerics.runner.reference_trace", lambda spec, trace: make_trace(losses=GOOD_LOSSES[:10]))
+        patch.setattr("numerics.run.runner.reference_trace", lambda spec, trace: make_trace(losses=GOOD_LOSSES[:10]))
         failed = failures(evaluate(outcome()))
     assert set(failed) == {"parity_loss", "parity_grad_norm"}, f"the other invariants still judge the cell: {failed}"
     for message in failed.values():
@@ -100,7 +98,7 @@ def test_memory_bounded_says_nothing_was_compared_without_a_figure(self_referenc
 
 def test_the_memory_bound_comes_from_the_environment(monkeypatch, self_reference):
     monkeypatch.setenv("NUMERICS_MAX_RSS_MIB", "400")
-    monkeypatch.setattr("numerics.invariants.THRESHOLDS", TrainingThresholds())
+    monkeypatch.setattr("numerics.judge.invariants.THRESHOLDS", TrainingThresholds())
     assert "> 400 MiB" in failures(evaluate(outcome()))["memory_bounded"]
     monkeypatch.setenv("NUMERICS_MAX_RSS_MIB", "4 GiB")
     with pytest.raises(ValueError, match="NUMERICS_MAX_RSS_MIB='4 GiB' is not a number"):
@@ -161,7 +159,7 @@ def taken_port():
 @pytest.fixture
 def quick_grace(monkeypatch):
     """Rank 1 waits in the rendezvous for a rank 0 that could not bind: 2 s show that as well as 10."""
-    monkeypatch.setattr("numerics.launcher.ERROR_GRACE_S", 2.0)
+    monkeypatch.setattr("numerics.run.launcher.ERROR_GRACE_S", 2.0)
 
 
 @pytest.mark.multigpu
@@ -172,7 +170,7 @@ def test_a_taken_port_is_retried_on_a_fresh_one(taken_port, quick_grace, monkeyp
         handed.append(real_free_port() if handed else taken_port)
         return handed[-1]
 
-    monkeypatch.setattr("numerics.launcher.free_port", free_port)
+    monkeypatch.setattr("numerics.run.launcher.free_port", free_port)
     with PoolSet() as pools:
         result = pools.run(PROBE)
         starts = pools.pools[PROBE.world_size].generation
@@ -184,7 +182,7 @@ def test_a_taken_port_is_retried_on_a_fresh_one(taken_port, quick_grace, monkeyp
 def test_a_pool_that_cannot_start_fails_its_cell_and_the_next_cell_starts_it(taken_port, quick_grace, monkeypatch):
     with PoolSet() as pools:
         with monkeypatch.context() as patch:
-            patch.setattr("numerics.launcher.free_port", lambda: taken_port)
+            patch.setattr("numerics.run.launcher.free_port", lambda: taken_port)
             refused = pools.run(PROBE)
         started = pools.run(PROBE)
     [verdict] = refused.verdicts

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from numerics import matrix
-from numerics.cli import main
-from numerics.shard import Shard, assign, load_costs, select
+from numerics.cell import matrix
+from numerics.show.cli import main
+from numerics.show.shard import Shard, assign, load_costs, select
 
 
 def test_every_item_lands_in_exactly_one_shard_in_input_order():
@@ -41,7 +41,7 @@ def test_the_full_matrix_splits_into_near_equal_measured_halves():
     costs = load_costs("cells")
     ids = [spec.cell_id for spec in matrix.cells("full")]
     known = {i: costs[i] for i in ids if i in costs}
-    assert len(known) > len(ids) / 4, "src/numerics/costs.json measures too few cells: rerun benchmarks/cell_costs.py"
+    assert len(known) > len(ids) / 4, "src/numerics/show/costs.json measures too few cells: rerun benchmarks/cell_costs.py"
     loads = [sum(known.get(i, 0.0) for i in part) for part in assign(ids, costs, 2)]
     assert max(loads) / min(loads) < 1.1, loads
 

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from numerics import deviations, matrix
-from numerics.spec import SCALED_ZERO_KEYS, RunSpec, SpecError, load_template
+from numerics.cell import matrix
+from numerics.cell.spec import SCALED_ZERO_KEYS, RunSpec, SpecError, load_template
+from numerics.judge import deviations
 
 
 @pytest.mark.parametrize("fields, message", [

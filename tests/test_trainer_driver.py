@@ -6,12 +6,12 @@ from typing import Iterator
 
 import pytest
 
-from numerics.invariants import assert_step0_grads, relative
-from numerics.launcher import RankPool
-from numerics.reference import reference_trace
-from numerics.spec import RunSpec
-from numerics.thresholds import TOLERANCES
-from numerics.trace import Trace
+from numerics.cell.spec import RunSpec
+from numerics.judge.invariants import assert_step0_grads, relative
+from numerics.judge.thresholds import TOLERANCES
+from numerics.judge.trace import Trace
+from numerics.run.launcher import RankPool
+from numerics.run.reference import reference_trace
 
 pytestmark = pytest.mark.multigpu
 

@@ -7,11 +7,11 @@ drew, and the custom one held to the engine driver's own numbers, since it backp
 workload's loss in the same order."""
 import pytest
 
-from numerics.faults import FAULTS
-from numerics.invariants import assert_step0_grads, relative
-from numerics.matrix import fault_cell
-from numerics.plugin import expect_pass
-from numerics.spec import RunSpec
+from numerics.cell.faults import FAULTS
+from numerics.cell.matrix import fault_cell
+from numerics.cell.spec import RunSpec
+from numerics.judge.invariants import assert_step0_grads, relative
+from numerics.show.plugin import expect_pass
 
 pytestmark = pytest.mark.multigpu
 

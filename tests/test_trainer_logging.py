@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from numerics.faults import FAULTS
-from numerics.invariants import assert_logged_matches
-from numerics.matrix import fault_cell
-from numerics.spec import RunSpec
-from numerics.trace import StepRecord, Trace
+from numerics.cell.faults import FAULTS
+from numerics.cell.matrix import fault_cell
+from numerics.cell.spec import RunSpec
+from numerics.judge.invariants import assert_logged_matches
+from numerics.judge.trace import StepRecord, Trace
 
 SPEC = RunSpec(driver="trainer", zero_stage=1, dtype="bf16", grad_accum=2, micro_batch=2, steps=4)
 

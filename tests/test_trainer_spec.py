@@ -2,8 +2,8 @@
 the default matrix covers GA 1, 2 and 4 at every stage and both loss paths."""
 import pytest
 
-from numerics.matrix import cells
-from numerics.spec import RunSpec, SpecError
+from numerics.cell.matrix import cells
+from numerics.cell.spec import RunSpec, SpecError
 
 
 def test_the_stock_loss_is_the_default_and_custom_is_named() -> None:

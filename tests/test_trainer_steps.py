@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from numerics import trainer_driver
-from numerics.spec import RunSpec
-from numerics.trace import StepRecord, Trace
+from numerics.cell.spec import RunSpec
+from numerics.judge.trace import StepRecord, Trace
+from numerics.run import trainer_driver
 
 STEPS, GA = 5, 4
 

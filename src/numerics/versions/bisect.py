@@ -7,7 +7,7 @@ as ``git bisect skip`` does: its environment cannot be built, a cell cannot run 
 or it fails for another reason (it raises, or only invariants other than the bisected
 ones fail), so a release broken some other way never decides the answer.
 
-Verdicts are judged raw: the known-deviation table (`numerics.deviations`) exists to keep
+Verdicts are judged raw: the known-deviation table (`numerics.judge.deviations`) exists to keep
 today's expected failures from turning the matrix red, and would hide exactly the change
 a bisect looks for, so ``xfail`` counts as the failure it is and ``xpass`` as a pass.
 
@@ -31,10 +31,10 @@ from typing import Any, Callable, Literal, Sequence
 from packaging.version import Version
 from rich.console import Console
 
-from numerics import matrix
-from numerics.report import SCHEMA
-from numerics.runner import CANNOT
-from numerics.spec import RunSpec
+from numerics.cell import matrix
+from numerics.cell.spec import RunSpec
+from numerics.run.runner import CANNOT
+from numerics.show.results import SCHEMA
 from numerics.versions import releases
 from numerics.versions.cells import run_cells_in
 from numerics.versions.environments import REPO_ROOT, Environment, build

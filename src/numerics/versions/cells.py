@@ -38,7 +38,7 @@ def run_pinned(pins: tuple[Pin, ...], run_arguments: list[str], specs: list[Any]
         return CANNOT_BUILD_EXIT
     environment.mark_used()
     console.print(f"running in {environment.path} ({' '.join(map(str, pins))})")
-    command = [str(environment.python), "-m", "numerics.cli", "run", *run_arguments]
+    command = [str(environment.python), "-m", "numerics.show.cli", "run", *run_arguments]
     returncode = subprocess.run(command, env=environment.variables(), cwd=str(REPO_ROOT)).returncode
     for versions in rank_versions(report / "results.json") if returncode in (0, 1) else ():  # 0/1: it wrote one
         console.print(f"the ranks reported {versions}", highlight=False)
@@ -79,9 +79,9 @@ def write_cannot_build(specs: list[Any], pins: tuple[Pin, ...], reason: str, dir
                        console: Console) -> None:
     """The table, ``results.json`` and ``junit.xml`` of a run whose environment could not be built:
     every cell "cannot build", with the installer's reason."""
-    from numerics.launcher import CellOutcome
-    from numerics.report import print_report, write_report
-    from numerics.runner import evaluate
+    from numerics.run.launcher import CellOutcome
+    from numerics.run.runner import evaluate
+    from numerics.show.report import print_report, write_report
 
     results = [evaluate(CellOutcome(spec, cannot=(CANNOT_BUILD, f"{' '.join(map(str, pins))}: {reason}"))) for spec in specs]
     print_report(results, console)
@@ -97,7 +97,7 @@ def run_cells_in(environment: Environment, specs: list[Any], timeout: float = 90
     ``verdicts`` ([invariant, status, message]), ``versions`` (what the ranks reported),
     ``host_versions`` and ``modules`` (what the subprocess imported, and from where),
     ``losses``, ``adapter`` facts and ``error``. ``backend`` and ``worker`` go to the
-    `PoolSet` (see numerics.plugin).
+    `PoolSet` (see numerics.show.plugin).
     """
     environment.mark_used()
     payload = json.dumps({"specs": [s.to_dict() for s in specs], "backend": backend, "worker": worker})
@@ -143,9 +143,9 @@ def _record_of(result: Any, host_versions: dict[str, str | None], modules: dict[
 
 def _run_payload(payload: dict[str, Any]) -> list[dict[str, Any]]:
     """Body of the subprocess: run the cells through one PoolSet and evaluate them."""
-    from numerics.platform import package_versions
-    from numerics.runner import PoolSet
-    from numerics.spec import RunSpec
+    from numerics.cell.spec import RunSpec
+    from numerics.run.platform import package_versions
+    from numerics.run.runner import PoolSet
     from numerics.versions.probe import imported_from
 
     modules, host_versions = imported_from(), package_versions()

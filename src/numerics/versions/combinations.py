@@ -18,13 +18,14 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
-from numerics import golden
-from numerics.report import SCHEMA, STATUS_STYLE, write_page
-from numerics.trace import Trace
+from numerics.judge import golden
+from numerics.judge.trace import Trace
+from numerics.show.report import STATUS_STYLE, write_page
+from numerics.show.results import SCHEMA
 from numerics.versions.cells import CANNOT_BUILD_EXIT
 from numerics.versions.resolve import BadPins, Pin, check_published, parse_pins
 
-NON_FINITE = ("nan", "inf", "-inf")  # how report.finite_json writes them
+NON_FINITE = ("nan", "inf", "-inf")  # how results.finite_json writes them
 
 
 def parse_axes(texts: list[str]) -> list[list[str]]:

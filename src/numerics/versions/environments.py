@@ -42,7 +42,7 @@ from packaging.specifiers import SpecifierSet
 from rich.console import Console
 from uv import find_uv_bin
 
-from numerics.platform import TRACKED_PACKAGES
+from numerics.run.platform import TRACKED_PACKAGES
 from numerics.versions.probe import OVERLAY_VARIABLE
 from numerics.versions.releases import IndexUnreachable
 from numerics.versions.resolve import CannotBuild, Pin, Resolution, check_published, resolve
@@ -209,7 +209,7 @@ def _finish(path: Path, console: Console, started: float, record: dict[str, Any]
     if record["holds_deepspeed"]:
         with _phase(console, "building DeepSpeed's CPU ops"):
             try:
-                _run([str(interpreter(path, record["kind"])), "-m", "numerics.cli", "prepare"], "numerics prepare",
+                _run([str(interpreter(path, record["kind"])), "-m", "numerics.show.cli", "prepare"], "numerics prepare",
                      env=environment_variables(path, record["kind"], True))
             except CannotBuild:
                 shutil.rmtree(path, ignore_errors=True)

@@ -18,7 +18,7 @@ OVERLAY_VARIABLE = "NUMERICS_OVERLAY"  # set by an overlay's environment: its di
 def imported_from(overlay: str | None = None) -> dict[str, dict[str, Any]]:
     """Version and file of each tracked package as imported here; ``from_overlay`` when it
     came from ``overlay`` (default: this process's ``NUMERICS_OVERLAY``)."""
-    from numerics.platform import TRACKED_PACKAGES, package_versions
+    from numerics.run.platform import TRACKED_PACKAGES, package_versions
 
     overlay = overlay or os.environ.get(OVERLAY_VARIABLE)
     prefix = str(Path(overlay).resolve()) + os.sep if overlay else None

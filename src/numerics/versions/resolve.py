@@ -37,7 +37,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 from uv import find_uv_bin
 
-from numerics.platform import TRACKED_PACKAGES
+from numerics.run.platform import TRACKED_PACKAGES
 from numerics.versions import releases
 from numerics.versions.constraints import extra_constraints
 

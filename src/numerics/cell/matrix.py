@@ -13,8 +13,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from numerics.faults import FAULTS, Fault
-from numerics.spec import LORA_INVARIANTS, OVERFIT_INVARIANTS, TRAINER_INVARIANTS, TRAINER_LOSSES, RunSpec
+from numerics.cell.faults import FAULTS, Fault
+from numerics.cell.invariant_sets import LORA_INVARIANTS, OVERFIT_INVARIANTS, TRAINER_INVARIANTS
+from numerics.cell.spec import TRAINER_LOSSES, RunSpec
 
 STAGES = [0, 1, 2, 3]
 DTYPES = ["fp32", "bf16", "fp16"]

@@ -24,12 +24,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from numerics.lora import apply_lora
-from numerics.models import build_model, tensor_checksum
-from numerics.spec import RunSpec
-from numerics.trace import StepRecord, Trace
-from numerics.train import build_optimizer, norm
-from numerics.workloads import get_workload
+from numerics.cell.models import build_model, tensor_checksum
+from numerics.cell.spec import RunSpec
+from numerics.cell.workloads import get_workload
+from numerics.judge.thresholds import THRESHOLDS
+from numerics.judge.trace import StepRecord, Trace
+from numerics.run.lora import apply_lora
+from numerics.run.train import build_optimizer, norm
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ def _reference(key: ReferenceKey) -> Trace:
         if spec.lora:
             model = apply_lora(model, spec, {})
         trace = Trace(cell=f"reference-{spec.model}-{spec.optimizer}", spec=spec.to_dict(), init_checksum=init_checksum,
-                      entropy_floor=workload.entropy_floor(spec), entropy_rate=workload.entropy_rate(),
+                      entropy_floor=workload.entropy_floor(spec, THRESHOLDS.entropy_floor_sigmas),
+                      entropy_rate=workload.entropy_rate(),
                       meta={"driver": "plain torch, fp32, one process"})
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         optimizer = build_optimizer(spec, iter(trainable.values()))

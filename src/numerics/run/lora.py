@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from numerics.models import build_model, tensor_checksum
-from numerics.spec import RunSpec
+from numerics.cell.models import build_model, tensor_checksum
+from numerics.cell.spec import RunSpec
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The head is adapted too: on a randomly initialised base the logits are nearly flat, and

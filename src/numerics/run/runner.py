@@ -1,7 +1,9 @@
 """Runs cells through rank pools and turns outcomes into verdicts.
 
 Both the CLI (``numerics run``) and the pytest matrix go through `evaluate`,
-so a cell means the same thing in the nightly table and in a test id.
+so a cell means the same thing in the nightly table and in a test id. A judged cell
+(`CellResult`) also gives its ``results.json`` record and its story here, so the run
+layer needs nothing from the reports built on them (`numerics.show.report`).
 """
 from __future__ import annotations
 
@@ -9,17 +11,16 @@ import signal
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
-from numerics import deviations
-from numerics.expected_na import judge_na
-from numerics.invariants import Verdict, check
-from numerics.launcher import CellOutcome, PoolStartError, RankPool
-from numerics.platform import package_versions
-from numerics.reference import reference_trace
-from numerics.spec import RunSpec
-from numerics.trace import Trace
-
+from numerics.cell.spec import RunSpec
+from numerics.judge import deviations
+from numerics.judge.expected_na import judge_na
+from numerics.judge.invariants import Verdict, check
+from numerics.judge.trace import Trace
+from numerics.run.launcher import CellOutcome, PoolStartError, RankPool
+from numerics.run.platform import package_versions
+from numerics.run.reference import reference_trace
 
 CANNOT = ("cannot build", "cannot run")  # a cell that never trained: neither a pass nor a numerics failure
 # Held by every cell, whatever invariants it declares: memory is no numerics property a cell may
@@ -61,8 +62,6 @@ class CellResult:
 
     def story(self) -> str:
         """Everything a person needs to read a failure without rerunning."""
-        from numerics.report import cell_record, story
-
         return story(cell_record(self))
 
 
@@ -71,6 +70,51 @@ def first_failing(verdicts: list[V], status: Callable[[V], str]) -> V | None:
     else the first known deviation; for `Verdict` objects and results.json records alike."""
     return next((v for v in verdicts if status(v) in ("fail", "xpass", *CANNOT)), None) \
         or next((v for v in verdicts if status(v) == "xfail"), None)
+
+
+# -- a cell's results.json record (docs/results-schema.md), and its story ---------------------
+def final_loss(result: CellResult) -> float | None:
+    trace = result.outcome.trace
+    return trace.steps[-1].loss if trace and trace.steps else None
+
+
+def steps_per_s(result: CellResult) -> float | None:
+    trace = result.outcome.trace
+    return trace.meta.get("steps_per_s") if trace else None
+
+
+def curves(trace: Trace | None) -> dict[str, list] | None:
+    """The per-step numbers a plot needs from a reference or golden trace (not the whole trace)."""
+    return {"loss": trace.values("loss"), "grad_norm": trace.values("grad_norm")} if trace else None
+
+
+def cell_record(result: CellResult) -> dict:
+    trace = result.outcome.trace
+    first = result.first_failure
+    return {
+        "cell": result.spec.cell_id,
+        "status": result.status,
+        "spec": result.spec.to_dict(),
+        "verdicts": [vars(v) for v in result.verdicts],
+        "first_bad_step": first.step if first else None,
+        "final_loss": final_loss(result),
+        "steps_per_s": steps_per_s(result),
+        "wall_s": result.outcome.wall_s,
+        "error": result.outcome.error,
+        "trace": trace.to_json() if trace else None,
+        "reference": curves(result.reference),
+        "golden": curves(result.golden),
+    }
+
+
+def story(cell: dict[str, Any]) -> str:
+    """Everything a person needs to read a failure without rerunning, from its results.json record."""
+    lines = [f"cell {cell['cell']}: {cell['status']}", f"spec: {cell['spec']}"]
+    if cell.get("trace"):
+        lines.append(f"meta: {cell['trace']['meta']}")
+    lines += [f"  {v['status']:5s} {v['invariant']}: {v['message']}" + (f" [known: {v['reason']}]" if v.get("reason") else "")
+              for v in cell["verdicts"]]
+    return "\n".join(lines)
 
 
 def evaluate(outcome: CellOutcome) -> CellResult:

@@ -17,7 +17,7 @@ from typing import Any
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from numerics.spec import matches
+from numerics.cell.spec import matches
 
 
 @dataclass(frozen=True)

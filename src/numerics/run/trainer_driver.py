@@ -48,19 +48,19 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from numerics.cells import torch_linear
-from numerics.continuity import BATCHES_PER_EPOCH, EVAL_EVERY, HELD_OUT_STEP, with_schedule
-from numerics.data import micro_batch_indices
-from numerics.faults import EpochFault, Fault, LoggingFault, LossFault, WorkloadFault, get_fault
-from numerics.invariants import LOGGED_FIGURES
-from numerics.label_mask import supervised_count
-from numerics.models import build_model, causal_lm_loss, tensor_checksum
-from numerics.spec import OPTIMIZER_DEFAULTS, RunSpec, SpecError, matches
-from numerics.thresholds import THRESHOLDS
-from numerics.trace import Trace
-from numerics.train import measure_step
+from numerics.cell.data import micro_batch_indices
+from numerics.cell.faults import EpochFault, Fault, LoggingFault, LossFault, WorkloadFault, get_fault
+from numerics.cell.label_mask import supervised_count
+from numerics.cell.models import build_model, causal_lm_loss, tensor_checksum
+from numerics.cell.spec import OPTIMIZER_DEFAULTS, RunSpec, SpecError, matches
+from numerics.cell.workloads import Batch, get_workload, slice_batch
+from numerics.judge.invariants import LOGGED_FIGURES
+from numerics.judge.thresholds import THRESHOLDS
+from numerics.judge.trace import Trace
+from numerics.run.continuity import BATCHES_PER_EPOCH, EVAL_EVERY, HELD_OUT_STEP, with_schedule
+from numerics.run.drivers import torch_linear
+from numerics.run.train import measure_step
 from numerics.versions import compat
-from numerics.workloads import Batch, get_workload, slice_batch
 
 Sample = dict[str, torch.Tensor]
 
@@ -296,7 +296,7 @@ def inherited_state() -> list[str]:
 
 
 def release(trainer: Trainer | None, environ: dict[str, str]) -> None:
-    """Undo what a Trainer leaves in a persistent rank (cells.py restores what every driver
+    """Undo what a Trainer leaves in a persistent rank (drivers.py restores what every driver
     leaves): its engine; the global DeepSpeed config, which makes a later ``from_config``
     build under ``zero.Init``; accelerate's singletons (resetting them keeps the process group,
     accelerate adopts it again); and the environment, where accelerate leaves
@@ -334,7 +334,8 @@ def train(spec: RunSpec, rank: int, meta: dict[str, Any], batches: list[Batch], 
     fault, model, workload = supported_fault(spec), build_model(spec.model, spec.seed), get_workload(spec.workload)
     trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), init_checksum=tensor_checksum(list(model.parameters())),
                   meta={**meta, "driver": spec.driver, "inherited_state": inherited_state(), "unlogged": unlogged(spec)},
-                  entropy_floor=workload.entropy_floor(spec), entropy_rate=workload.entropy_rate())
+                  entropy_floor=workload.entropy_floor(spec, THRESHOLDS.entropy_floor_sigmas),
+                  entropy_rate=workload.entropy_rate())
     trainer_class, dataset = ((ObservedTrainer, [sample for batch in batches for sample in rows(batch)]) if spec.trainer_loss == "stock"
                               else (CustomLossTrainer, rank_samples(spec, rank, batches)))
     trainer, environ = None, dict(os.environ)

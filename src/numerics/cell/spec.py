@@ -13,13 +13,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from numerics.cell.invariant_sets import DEFAULT_INVARIANTS, INVARIANT_NAMES
+
 DTYPES = ("fp32", "bf16", "fp16")
 COMM_DTYPES = (None, "fp32", "fp16", "bf16")
 MODELS = ("llama", "mlp")
 OPTIMIZERS = ("adamw", "sgd")
 OPTIMIZER_SOURCES = ("config", "client")
 BUCKETS = ("scaled", "default")
-DRIVERS = ("engine", "trainer", "resume", "epochs", "trainer_epochs")  # see cells.py
+DRIVERS = ("engine", "trainer", "resume", "epochs", "trainer_epochs")  # see run/drivers.py
 TRAINER_DRIVERS = ("trainer", "trainer_epochs")
 # Which loss a Trainer cell backpropagates (trainer_driver.py): "stock" is what most users run,
 # the model's own loss from ``labels`` with the Trainer's token counting, sampler and sharding;
@@ -47,22 +49,6 @@ OPTIMIZER_DEFAULTS = {
 # Learning rates per optimizer: AdamW normalises the gradient, SGD does not.
 DEFAULT_LR = {"adamw": 3e-3, "sgd": 0.1}
 LORA_LR = {"adamw": 1e-2, "sgd": 0.3}  # adapters start at zero (B = 0) and have few parameters
-
-# The invariants a cell is held to unless it says otherwise (see invariants.py).
-DEFAULT_INVARIANTS = (
-    "finite", "no_collapse", "no_spike", "learns", "init_matches", "step0_grads",
-    "parity_loss", "parity_grad_norm", "grad_norm_agrees", "replicas_agree", "gathered_params_match",
-)
-
-# What a LoRA cell is held to: the core set plus the adapter invariants.
-LORA_INVARIANTS = DEFAULT_INVARIANTS + ("adapter_dtype_policy", "frozen_base_unchanged", "adapters_learn", "merged_logits_match")
-
-# An overfitting cell is not held to the entropy floor, spikes or the learning pace of a stream.
-OVERFIT_INVARIANTS = ("finite", "overfits", "supervised_tokens", "init_matches", "step0_grads",
-                      "parity_loss", "parity_grad_norm", "grad_norm_agrees", "replicas_agree", "gathered_params_match")
-
-# A Trainer cell is also held to what it shows its user: every logged figure equals the measured one.
-TRAINER_INVARIANTS = DEFAULT_INVARIANTS + ("logged_matches",)
 
 # Inside the package, so an installed wheel has them (package data, pyproject.toml); the
 # repository root links to them as ds_configs/ for readers.
@@ -210,7 +196,7 @@ class RunSpec:
         one_of("trainer_loss", self.trainer_loss, TRAINER_LOSSES)
         if self.trainer_loss != "stock" and self.driver not in TRAINER_DRIVERS:
             raise SpecError(f"trainer_loss={self.trainer_loss!r} needs a Trainer driver {TRAINER_DRIVERS}, not {self.driver!r}")
-        from numerics.workloads import WORKLOADS  # late: workloads import torch
+        from numerics.cell.workloads import WORKLOADS  # late: workloads import torch
 
         one_of("workload", self.workload, tuple(WORKLOADS))
         for name in ("world_size", "micro_batch", "grad_accum", "steps"):
@@ -239,13 +225,11 @@ class RunSpec:
                     f"ds_extra sets {key!r}, which the RunSpec owns (dtype, zero_stage, batch fields); "
                     "set those fields instead so the cell id says what ran"
                 )
-        from numerics.invariants import INVARIANTS  # late: invariants import thresholds only
-
-        unknown = sorted(set(self.invariants) - set(INVARIANTS))
+        unknown = sorted(set(self.invariants) - set(INVARIANT_NAMES))
         if unknown:
-            raise SpecError(f"unknown invariant(s) {unknown}; known: {sorted(INVARIANTS)}")
+            raise SpecError(f"unknown invariant(s) {unknown}; known: {sorted(INVARIANT_NAMES)}")
         if self.fault is not None:
-            from numerics.faults import get_fault  # late: faults import the training loop
+            from numerics.cell.faults import get_fault  # late: faults import torch
 
             try:
                 get_fault(self.fault)

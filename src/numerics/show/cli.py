@@ -12,12 +12,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from numerics import golden, matrix, shard
-from numerics.launched import add_arguments as add_launched_arguments
-from numerics.report import print_report, write_report
-from numerics.runner import CellResult, PoolSet, interrupt_on_sigterm
-from numerics.spec import RunSpec
-
+from numerics.cell import matrix
+from numerics.cell.spec import RunSpec
+from numerics.judge import golden
+from numerics.run.launched import add_arguments as add_launched_arguments
+from numerics.run.runner import CellResult, PoolSet, interrupt_on_sigterm
+from numerics.show import shard
+from numerics.show.report import print_report, write_report
 
 INTERRUPTED_EXIT = 130  # as a shell reports a command ended by Ctrl-C
 
@@ -90,24 +91,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``numerics report``: re-render a report from its results.json, or merge shards into one;
     ``--summary-md`` prints the failures as Markdown (a CI job summary), ``--check`` exits 1
     when a cell failed. Exit 2 for a directory that holds no readable report."""
-    from numerics import report
+    from numerics.show import report, results
 
     console = make_console()
     try:
         if args.merge:
             if len(set(map(os.path.realpath, args.merge))) < len(args.merge):
-                raise report.ReportError(f"a directory is named twice in --merge {' '.join(args.merge)}")
-            data = report.merge([report.load(Path(d)) for d in args.merge])
+                raise results.ReportError(f"a directory is named twice in --merge {' '.join(args.merge)}")
+            data = report.merge([results.load(Path(d)) for d in args.merge])
             directory = Path(args.out or "reports/merged")
             report.write_data(data, directory)
             console.print(f"merged {len(args.merge)} reports ({len(data['cells'])} cells) into {directory}")
         else:
             directory = Path(args.directory)
-            data = report.load(directory)
+            data = results.load(directory)
             if not (args.summary_md or args.check):
                 page = report.write_page(data, directory, args.all_curves or None)
                 console.print(f"wrote {page}")
-    except report.ReportError as err:
+    except results.ReportError as err:
         console.print(f"error: {err}", highlight=False)
         return 2
     if args.summary_md:
@@ -205,7 +206,8 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     """``numerics bisect``: exit 0 when the change is found, 1 when it is not (the ends do
     not differ, an end cannot be judged, only skipped releases are left), 2 for bad input,
     3 when the package index cannot be reached."""
-    from numerics.report import write_json, write_page
+    from numerics.show.report import write_page
+    from numerics.show.results import write_json
     from numerics.versions import bisect
     from numerics.versions.cells import CANNOT_BUILD_EXIT
     from numerics.versions.releases import IndexUnreachable
@@ -234,7 +236,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from numerics.prepare import build_cpu_ops
+    from numerics.run.prepare import build_cpu_ops
 
     for name, seconds in build_cpu_ops().items():
         print(f"{name}: ready in {seconds:.1f}s")
@@ -253,13 +255,20 @@ def cmd_golden(args: argparse.Namespace) -> int:
 
 
 def cmd_launched(args: argparse.Namespace) -> int:
-    from numerics.launched import main as launched
+    from numerics.run.launched import main as launched
 
-    return launched(args)
+    return launched(args, write_launched_report)
+
+
+def write_launched_report(results: list[CellResult], directory: Path) -> None:
+    """Rank 0 of ``numerics launched``: the table, and the report of the cells judged so far."""
+    print_report(results)
+    write_report(results, directory)
+    print(f"wrote {directory}/results.json, junit.xml and report.html", flush=True)
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from numerics.selftest import detection_table, run_selftest
+    from numerics.show.selftest import detection_table, run_selftest
 
     console = make_console()
     rows = run_selftest(args.backend, console)
@@ -344,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("prepare", help="build DeepSpeed's CPU ops once").set_defaults(func=cmd_prepare)
     launched = sub.add_parser("launched", help="run cells on ranks torchrun or the DeepSpeed launcher started (multi-node)")
     add_launched_arguments(launched)
+    add_cover(launched)
     launched.set_defaults(func=cmd_launched)
     selftest = sub.add_parser("selftest", help="inject every fault and show which invariants catch it")
     selftest.add_argument("--backend", choices=["gloo", "nccl"])

@@ -1,12 +1,11 @@
-"""Results a person reads: a table on the terminal, ``results.json``, ``junit.xml`` and ``report.html``.
+"""Results a person reads: a table on the terminal, ``results.json``, ``junit.xml`` and ``report.html``
+(the file itself: `numerics.show.results`; the page: `numerics.show.report_page`).
 
 Everything after the run works on ``results.json`` records, so a report can be
 re-rendered (``numerics report DIR``) or merged from shards without the traces in memory.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import platform
 import subprocess
@@ -19,25 +18,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from numerics.platform import package_versions
-from numerics.runner import CANNOT, CellResult, first_failing
-from numerics.trace import Trace
+from numerics.run.platform import package_versions
+from numerics.run.runner import CANNOT, CellResult, cell_record, final_loss, first_failing, steps_per_s, story
+from numerics.show.results import SCHEMA, ReportError, write_json
 
 STATUS_STYLE = {"pass": "green", "xfail": "yellow", "fail": "bold red", "cannot run": "magenta", "cannot build": "magenta"}
 
 
 def headline(message: str) -> str:
     return (message.splitlines() or [""])[0]
-
-
-def final_loss(result: CellResult) -> float | None:
-    trace = result.outcome.trace
-    return trace.steps[-1].loss if trace and trace.steps else None
-
-
-def steps_per_s(result: CellResult) -> float | None:
-    trace = result.outcome.trace
-    return trace.meta.get("steps_per_s") if trace else None
 
 
 def results_table(results: Iterable[CellResult]) -> Table:
@@ -79,43 +68,6 @@ def summary_line(results: list[CellResult]) -> str:
     return summary_of([{"status": r.status} for r in results], fp16_check_lifted(results))
 
 
-SCHEMA = 2  # results.json's schema version (docs/results-schema.md); bump on any incompatible change
-
-
-def curves(trace: Trace | None) -> dict[str, list] | None:
-    """The per-step numbers a plot needs from a reference or golden trace (not the whole trace)."""
-    return {"loss": trace.values("loss"), "grad_norm": trace.values("grad_norm")} if trace else None
-
-
-def cell_record(result: CellResult) -> dict:
-    trace = result.outcome.trace
-    first = result.first_failure
-    return {
-        "cell": result.spec.cell_id,
-        "status": result.status,
-        "spec": result.spec.to_dict(),
-        "verdicts": [vars(v) for v in result.verdicts],
-        "first_bad_step": first.step if first else None,
-        "final_loss": final_loss(result),
-        "steps_per_s": steps_per_s(result),
-        "wall_s": result.outcome.wall_s,
-        "error": result.outcome.error,
-        "trace": trace.to_json() if trace else None,
-        "reference": curves(result.reference),
-        "golden": curves(result.golden),
-    }
-
-
-def finite_json(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value
-
-
 def git_commit() -> str | None:
     """The commit of the checkout the run started in, "+dirty" with local changes; None outside git."""
     try:
@@ -154,15 +106,9 @@ def results_data(results: list[CellResult], tests: dict[str, float] | None = Non
             "tests": tests or {}}
 
 
-def write_json(data: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Non-finite floats become strings: bare NaN is not JSON, and a NaN loss is exactly what a report must show.
-    path.write_text(json.dumps(finite_json(data), indent=1, default=str, allow_nan=False))
-
-
 def write_page(data: dict[str, Any], directory: Path, all_curves: bool | None = None) -> Path:
     """``report.html`` of a matrix run's, a version matrix's or a bisect's data."""
-    from numerics.report_page import render
+    from numerics.show.report_page import render
 
     path = directory / "report.html"
     path.write_text(render(data, directory, all_curves))
@@ -185,7 +131,7 @@ def write_junit(cells: list[dict[str, Any]], path: Path) -> None:
                        failures=str(sum(c["status"] == "fail" for c in cells)),
                        skipped=str(sum(c["status"] in ("xfail", *CANNOT) for c in cells)))
     for cell in cells:
-        case = ET.SubElement(suite, "testcase", classname="numerics.matrix", name=cell["cell"], time=f"{cell['wall_s']:.2f}")
+        case = ET.SubElement(suite, "testcase", classname="numerics.cell.matrix", name=cell["cell"], time=f"{cell['wall_s']:.2f}")
         first = first_failure(cell)
         if cell["status"] == "fail":
             ET.SubElement(case, "failure", message=f"{first['invariant']}: {headline(first['message'])}").text = story(cell)
@@ -198,31 +144,6 @@ def write_junit(cells: list[dict[str, Any]], path: Path) -> None:
 
 def first_failure(cell: dict[str, Any]) -> dict[str, Any] | None:
     return first_failing(cell["verdicts"], lambda v: v["status"])
-
-
-def story(cell: dict[str, Any]) -> str:
-    """Everything a person needs to read a failure without rerunning, from its results.json record."""
-    lines = [f"cell {cell['cell']}: {cell['status']}", f"spec: {cell['spec']}"]
-    if cell.get("trace"):
-        lines.append(f"meta: {cell['trace']['meta']}")
-    lines += [f"  {v['status']:5s} {v['invariant']}: {v['message']}" + (f" [known: {v['reason']}]" if v.get("reason") else "")
-              for v in cell["verdicts"]]
-    return "\n".join(lines)
-
-
-def load(directory: Path) -> dict[str, Any]:
-    """A report's ``results.json``; a clear error for a directory that holds none or an older schema."""
-    path = directory / "results.json"
-    if not path.exists():
-        raise ReportError(f"{directory} holds no results.json (write one with numerics run --report {directory})")
-    data = json.loads(path.read_text())
-    if data.get("schema") != SCHEMA:
-        raise ReportError(f"{path} has schema {data.get('schema')!r}; this numerics reads schema {SCHEMA}: rerun the cells")
-    return data
-
-
-class ReportError(ValueError):
-    """A report directory that cannot be read or merged."""
 
 
 def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from numerics.spec import LORA_INVARIANTS, OVERFIT_INVARIANTS, TRAINER_INVARIANTS
+from numerics.cell.invariant_sets import LORA_INVARIANTS, OVERFIT_INVARIANTS, TRAINER_INVARIANTS
 
 REDUCTIONS = ("all_reduce", "reduce_scatter_tensor")
 

@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from numerics.curves import Series, cell_series, figure_png
+from numerics.show.curves import Series, cell_series, figure_png
+from numerics.show.results import ReportError, load
 
 COLOURS = {"pass": "#2e7d32", "xfail": "#f9a825", "fail": "#c62828", "cannot run": "#8e24aa",
            "cannot build": "#8e24aa", "missing": "#9e9e9e"}
@@ -143,8 +144,6 @@ def matrix_page(data: dict[str, Any], all_curves: bool | None) -> str:
 def versions_page(data: dict[str, Any], directory: Path | None) -> str:
     """Combinations side by side; for each cell that failed or moved anywhere, every
     combination's curves overlaid (read from the per-combination reports beside it)."""
-    from numerics.report import ReportError, load
-
     names = [" ".join(c["pins"]) for c in data["combinations"]]
     head = "<tr><th>cell</th>" + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>"
     rows = []

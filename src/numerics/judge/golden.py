@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from numerics.invariants import Verdict, relative
-from numerics.thresholds import tolerance
-from numerics.trace import Trace
+from numerics.judge.invariants import Verdict, relative
+from numerics.judge.thresholds import tolerance
+from numerics.judge.trace import Trace
 
 # metric -> the Tolerance field bounding it: what a golden compares at every step
 COMPARED = {"loss": "loss_rtol", "grad_norm": "grad_rtol", "grad_norm_reported": "grad_rtol"}

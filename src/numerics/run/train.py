@@ -24,13 +24,14 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from numerics import lora
-from numerics.data import micro_batch_indices
-from numerics.models import build_model, tensor_checksum
-from numerics.spec import OPTIMIZER_DEFAULTS, RunSpec
-from numerics.trace import StepRecord, Trace
+from numerics.cell.data import micro_batch_indices
+from numerics.cell.models import build_model, tensor_checksum
+from numerics.cell.spec import OPTIMIZER_DEFAULTS, RunSpec
+from numerics.cell.workloads import get_workload, slice_batch
+from numerics.judge.thresholds import THRESHOLDS
+from numerics.judge.trace import StepRecord, Trace
+from numerics.run import lora
 from numerics.versions import compat
-from numerics.workloads import get_workload, slice_batch
 
 
 def build_optimizer(spec: RunSpec, params: Iterator[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -173,7 +174,7 @@ def build_engine(spec: RunSpec, fault: Any) -> tuple[Any, str]:
 
 def run_engine_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     """Train one cell on this rank and return its trace (this rank's checksums only)."""
-    from numerics.faults import get_fault
+    from numerics.cell.faults import get_fault
 
     fault = get_fault(spec.fault)
     started = time.perf_counter()
@@ -181,7 +182,8 @@ def run_engine_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     built = time.perf_counter()
     workload = get_workload(spec.workload)
     trace = Trace(cell=spec.cell_id, spec=spec.to_dict(), meta=dict(meta), init_checksum=init_checksum,
-                  entropy_floor=workload.entropy_floor(spec), entropy_rate=workload.entropy_rate())
+                  entropy_floor=workload.entropy_floor(spec, THRESHOLDS.entropy_floor_sigmas),
+                  entropy_rate=workload.entropy_rate())
     try:
         if spec.lora:
             lora.record_start(engine, trace.meta)

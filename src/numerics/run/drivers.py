@@ -8,16 +8,16 @@ from typing import Any, Callable
 
 import torch
 
-from numerics.spec import RunSpec
-from numerics.trace import Trace
+from numerics.cell.spec import RunSpec
+from numerics.judge.trace import Trace
 
 # driver -> "module:function"; imported on first use so a rank loads only what it runs.
 DRIVERS = {
-    "engine": "numerics.train:run_engine_cell",
-    "trainer": "numerics.trainer_driver:run_trainer_cell",
-    "resume": "numerics.continuity:run_resume_cell",
-    "epochs": "numerics.continuity:run_epochs_cell",
-    "trainer_epochs": "numerics.trainer_driver:run_trainer_epochs_cell",
+    "engine": "numerics.run.train:run_engine_cell",
+    "trainer": "numerics.run.trainer_driver:run_trainer_cell",
+    "resume": "numerics.run.continuity:run_resume_cell",
+    "epochs": "numerics.run.continuity:run_epochs_cell",
+    "trainer_epochs": "numerics.run.trainer_driver:run_trainer_epochs_cell",
 }
 
 

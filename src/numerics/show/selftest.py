@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from numerics.faults import FAULTS, UNDETECTED, Fault
-from numerics.matrix import fault_cell, fault_precisions
-from numerics.runner import CellResult, PoolSet
+from numerics.cell.faults import FAULTS, UNDETECTED, Fault
+from numerics.cell.matrix import fault_cell, fault_precisions
+from numerics.run.runner import CellResult, PoolSet
 
 
 @dataclass

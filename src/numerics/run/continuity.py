@@ -35,10 +35,11 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from numerics.spec import RunSpec, SpecError
-from numerics.trace import StepRecord, Trace
-from numerics.train import build_engine, train_step
-from numerics.workloads import Batch, get_workload
+from numerics.cell.spec import RunSpec, SpecError
+from numerics.cell.workloads import Batch, get_workload
+from numerics.judge.thresholds import THRESHOLDS
+from numerics.judge.trace import StepRecord, Trace
+from numerics.run.train import build_engine, train_step
 
 BATCHES_PER_EPOCH = 8  # global batches in the finite dataset: steps 0-7 of the workload's stream
 EVAL_EVERY = 4  # steps between evals: twice an epoch
@@ -48,7 +49,8 @@ HELD_OUT_STEP = 10**6  # the workload step whose batch is the held-out eval set:
 def _new_trace(spec: RunSpec, meta: dict[str, Any], init_checksum: str) -> Trace:
     workload = get_workload(spec.workload)
     return Trace(cell=spec.cell_id, spec=spec.to_dict(), meta=dict(meta), init_checksum=init_checksum,
-                 entropy_floor=workload.entropy_floor(spec), entropy_rate=workload.entropy_rate())
+                 entropy_floor=workload.entropy_floor(spec, THRESHOLDS.entropy_floor_sigmas),
+                 entropy_rate=workload.entropy_rate())
 
 
 def _train(engine: Any, spec: RunSpec, steps: range, rank: int, fault: Any, trace: Trace) -> list[StepRecord]:
@@ -95,7 +97,7 @@ def _summary(record: StepRecord) -> dict[str, Any]:
 
 def run_resume_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     """Train through a save at ``steps // 2``, then resume that checkpoint in a fresh engine."""
-    from numerics.faults import get_fault
+    from numerics.cell.faults import get_fault
 
     fault, resume_step = get_fault(spec.fault), spec.steps // 2
     with _shared_tempdir(spec) as directory:
@@ -135,7 +137,7 @@ def evaluate(engine: Any, spec: RunSpec, batch: Batch) -> float:
 
 def run_epochs_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     """Several epochs over a finite dataset, with a schedule and periodic eval."""
-    from numerics.faults import get_fault
+    from numerics.cell.faults import get_fault
 
     if spec.steps % BATCHES_PER_EPOCH or spec.steps < 2 * BATCHES_PER_EPOCH:
         raise SpecError(f"{spec.cell_id}: steps={spec.steps} must be two or more epochs of {BATCHES_PER_EPOCH} batches")

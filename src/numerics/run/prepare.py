@@ -38,7 +38,7 @@ def ensure_cpu_ops() -> None:
     global _prepared_in_this_process
     if _prepared_in_this_process:
         return
-    subprocess.run([sys.executable, "-m", "numerics.cli", "prepare"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "numerics.show.cli", "prepare"], check=True, stdout=subprocess.DEVNULL)
     _prepared_in_this_process = True
 
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from numerics.spec import RunSpec
-from numerics.trace import Trace
+from numerics.cell.spec import RunSpec
+from numerics.judge.trace import Trace
 
 ERROR_GRACE_S = 10.0  # after one rank fails, how long the others get to report before they are stopped
 START_TIMEOUT_S = 300.0  # importing DeepSpeed and building its CPU comm op on a cold machine
@@ -119,7 +119,7 @@ def outcome_of(spec: RunSpec, replies: dict[int, tuple[str, Any]], world_size: i
 def _rank_main(rank: int, world_size: int, port: int, backend: str, device_offset: int,
                tasks: Any, results: Any, stack_file: str) -> None:
     """Body of one rank: start the process group once, then run cells until told to stop."""
-    from numerics.platform import rank_environment
+    from numerics.run.platform import rank_environment
 
     exit_with_parent(os.getppid())
     os.environ.update(rank_environment(rank, world_size, port, backend))
@@ -146,7 +146,7 @@ def start_rank(world_size: int, device: int, backend: str,
     torch.set_num_threads(1)  # 2 cores, and bit-reproducibility depends on the thread count
     import deepspeed
 
-    from numerics.platform import lift_cpu_fp16_check, quiet_libraries, run_metadata
+    from numerics.run.platform import lift_cpu_fp16_check, quiet_libraries, run_metadata
 
     quiet_libraries()
     lifted = lift_cpu_fp16_check()
@@ -159,7 +159,7 @@ def start_rank(world_size: int, device: int, backend: str,
 def reply_for(spec: RunSpec, rank: int, meta: dict[str, Any]) -> tuple[str, Any]:
     """What a rank sends back for one cell: ("ok", its trace), ("unsupported", the missing
     API) or ("error", its traceback)."""
-    from numerics.cells import run_cell
+    from numerics.run.drivers import run_cell
     from numerics.versions.compat import Unsupported
 
     try:
@@ -187,7 +187,7 @@ class RankPool:
     """``world_size`` ranks on one backend, started lazily and rebuilt after a failure."""
 
     def __init__(self, world_size: int, backend: str | None = None, device_offset: int = 0) -> None:
-        from numerics.platform import choose_backend
+        from numerics.run.platform import choose_backend
 
         self.world_size = world_size
         self.backend = backend or choose_backend(world_size)
@@ -205,7 +205,7 @@ class RankPool:
         """Start the ranks, each attempt on a fresh port; raise `PoolStartError` with every
         attempt's story if none succeeds."""
         if self.backend == "gloo":
-            from numerics.prepare import ensure_cpu_ops
+            from numerics.run.prepare import ensure_cpu_ops
 
             ensure_cpu_ops()
         failures = []

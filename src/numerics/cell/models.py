@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from numerics.data import VOCAB
+from numerics.cell.data import VOCAB
 
 LLAMA_SHAPE = dict(
     vocab_size=VOCAB,

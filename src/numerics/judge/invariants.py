@@ -16,8 +16,10 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from numerics.thresholds import THRESHOLDS, Tolerance, tolerance
-from numerics.trace import StepRecord, Trace
+from numerics.cell.invariant_sets import INVARIANT_NAMES
+from numerics.cell.spec import RunSpec
+from numerics.judge.thresholds import THRESHOLDS, Tolerance, tolerance
+from numerics.judge.trace import StepRecord, Trace
 
 Status = Literal["pass", "fail", "n/a", "xfail", "xpass", "cannot run", "cannot build"]
 
@@ -41,6 +43,11 @@ PER_STEP: set[str] = set()  # invariants that read the step records, so need all
 
 
 def invariant(name: str, per_step: bool = True) -> Callable[[Check], Check]:
+    """Register ``check`` under ``name``, one of the names cells may declare
+    (`numerics.cell.invariant_sets.INVARIANT_NAMES`, where a new invariant's name goes too)."""
+    if name not in INVARIANT_NAMES:
+        raise ValueError(f"invariant {name!r} is not in numerics.cell.invariant_sets.INVARIANT_NAMES: add it there")
+
     def register(check: Check) -> Check:
         INVARIANTS[name] = check
         if per_step:
@@ -415,8 +422,7 @@ def assert_overfits(trace: Trace, reference: Trace | None) -> Verdict:
 def assert_supervised_tokens(trace: Trace, reference: Trace | None) -> Verdict:
     """Every step supervises as many targets as the workload's response mask says: a label mask
     that leaks prompt or special tokens, or drops response tokens, shows at step 0."""
-    from numerics.spec import RunSpec  # late: the spec imports invariants
-    from numerics.workloads import get_workload  # late: workloads import torch
+    from numerics.cell.workloads import get_workload  # late: workloads import torch
 
     spec = RunSpec.from_dict(trace.spec)
     for record in trace.steps:
@@ -427,7 +433,7 @@ def assert_supervised_tokens(trace: Trace, reference: Trace | None) -> Verdict:
         if record.supervised_tokens != expected:
             return _fail("supervised_tokens", trace, record.step,
                          f"{record.supervised_tokens} supervised targets, the response mask says {expected} "
-                         "(numerics.label_mask.check_label_mask names the positions)")
+                         "(numerics.cell.label_mask.check_label_mask names the positions)")
     return _pass("supervised_tokens")
 
 

@@ -16,10 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from numerics.data import VOCAB, global_batch, markov_chain
-from numerics.label_mask import IGNORE, mask_labels, supervised_count
-from numerics.models import causal_lm_loss
-from numerics.thresholds import THRESHOLDS
+from numerics.cell.data import VOCAB, global_batch, markov_chain
+from numerics.cell.label_mask import IGNORE, mask_labels, supervised_count
+from numerics.cell.models import causal_lm_loss
 
 Batch = dict[str, torch.Tensor]
 
@@ -56,7 +55,10 @@ class Workload:
     def entropy_rate(self) -> float | None:
         return None
 
-    def entropy_floor(self, spec: Any) -> float | None:
+    def entropy_floor(self, spec: Any, sigmas: float) -> float | None:
+        """The lowest loss a correct model can show on a step: the entropy rate less ``sigmas``
+        standard errors of the step's mean surprisal (the judge's margin,
+        ``THRESHOLDS.entropy_floor_sigmas``); None without a known entropy rate."""
         return None
 
 
@@ -82,8 +84,8 @@ class MarkovStream(Workload):
     def entropy_rate(self) -> float | None:
         return markov_chain().entropy_rate
 
-    def entropy_floor(self, spec: Any) -> float | None:
-        return markov_chain().floor(spec.global_batch * (spec.seq_len - 1), THRESHOLDS.entropy_floor_sigmas)
+    def entropy_floor(self, spec: Any, sigmas: float) -> float | None:
+        return markov_chain().floor(spec.global_batch * (spec.seq_len - 1), sigmas)
 
 
 # Special tokens of the ``overfit`` and ``padded`` workloads. ``padded`` draws its
@@ -197,9 +199,9 @@ class PaddedStream(MarkovStream):
     def oracle_loss(self, batch: Batch) -> float | None:
         return float(surprisal(batch["input_ids"])[batch["labels"][:, 1:].numpy() != IGNORE].mean())
 
-    def entropy_floor(self, spec: Any) -> float | None:
+    def entropy_floor(self, spec: Any, sigmas: float) -> float | None:
         """The floor for the fewest targets a step can hold: fewer tokens, wider noise."""
-        return markov_chain().floor(spec.global_batch * (MIN_LEN - 1), THRESHOLDS.entropy_floor_sigmas)
+        return markov_chain().floor(spec.global_batch * (MIN_LEN - 1), sigmas)
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [MarkovStream(), OverfitPair(), PaddedStream()]}

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from numerics import golden
-from numerics.runner import CANNOT, CellResult, PoolSet, interrupt_on_sigterm
-from numerics.shard import Shard, load_costs, select
-from numerics.spec import RunSpec
+from numerics.cell.spec import RunSpec
+from numerics.judge import golden
+from numerics.run.runner import CANNOT, CellResult, PoolSet, interrupt_on_sigterm
+from numerics.show.shard import Shard, load_costs, select
 from numerics.versions.cells import COMBINATION_ENV
 
 RESULTS_KEY = pytest.StashKey[list]()
@@ -166,15 +166,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     directory = session.config.getoption("numerics_report")
     if not directory:
         return
-    from numerics import report
+    from numerics.show import report
+    from numerics.show.results import load, write_json
 
     results, seconds = session.config.stash.get(RESULTS_KEY, []), session.config.stash.get(SECONDS_KEY, {})
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     parts = Path(directory) / "workers"
     if worker:
-        report.write_json(report.results_data(results, seconds), parts / worker / "results.json")
+        write_json(report.results_data(results, seconds), parts / worker / "results.json")
     elif parts.is_dir():
-        shards = [report.load(path.parent) for path in sorted(parts.glob("*/results.json"))]
+        shards = [load(path.parent) for path in sorted(parts.glob("*/results.json"))]
         report.write_data(report.merge(shards), Path(directory))
     elif results:
         report.write_report(results, Path(directory), seconds)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from numerics.invariants import Verdict
-from numerics.spec import RunSpec, matches
+from numerics.cell.spec import RunSpec, matches
+from numerics.judge.invariants import Verdict
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,6 @@ def judge_na(verdicts: list[Verdict], spec: RunSpec) -> list[Verdict]:
             declared = expected_na(spec.to_dict(), verdict.invariant)
             verdict = replace(verdict, message=f"{verdict.message} (expected: {declared.reason})") if declared else replace(
                 verdict, status="fail", message=f"[{spec.cell_id}] nothing was compared ({verdict.message}), and the cell "
-                "does not declare this invariant inapplicable (numerics.expected_na): a green cell needs evidence")
+                "does not declare this invariant inapplicable (numerics.judge.expected_na): a green cell needs evidence")
         judged.append(verdict)
     return judged
