@@ -150,6 +150,10 @@ def start_rank(world_size: int, device: int, backend: str,
 
     quiet_libraries()
     lifted = lift_cpu_fp16_check()
+    if backend == "gloo":
+        from numerics.run.prepare import build_cpu_ops
+
+        build_cpu_ops()  # each op under its file lock: on a cold cache one rank builds it, the others load it
     if backend == "nccl":
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
@@ -204,10 +208,6 @@ class RankPool:
     def start(self) -> None:
         """Start the ranks, each attempt on a fresh port; raise `PoolStartError` with every
         attempt's story if none succeeds."""
-        if self.backend == "gloo":
-            from numerics.run.prepare import ensure_cpu_ops
-
-            ensure_cpu_ops()
         failures = []
         for attempt in range(1, START_ATTEMPTS + 1):
             try:

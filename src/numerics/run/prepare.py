@@ -2,8 +2,9 @@
 
 On CPU, DeepSpeed JIT-compiles its shared-memory comm op when a process group
 starts and its fused Adam when a config asks for Adam/AdamW; two ranks building
-the same op at once collide. Building them here, in one process, makes every
-later start a cache hit.
+the same op at once collide. Every rank loads both here, each op under a file lock,
+before it joins the process group: on a cold cache the first builds and the others
+load what it built. `numerics prepare` (set-up) does it once ahead, so no run waits.
 
 A build killed midway (a cell's timeout, a Ctrl-C, a lost machine) leaves torch's
 ``lock`` file in the op's build directory, and every later load waits on it forever.
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,21 +26,6 @@ from typing import Iterator
 import torch
 
 CPU_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder")
-_prepared_in_this_process = False
-
-
-def ensure_cpu_ops() -> None:
-    """``numerics prepare`` once per process, before its first ranks start: a warm cache
-    costs ~7 s; a cold one (a new machine whose CPU flags differ, a build killed midway)
-    is built here once instead of by two ranks at once. In a child process, so the
-    parent, which trains nothing, never imports DeepSpeed."""
-    global _prepared_in_this_process
-    if _prepared_in_this_process:
-        return
-    subprocess.run([sys.executable, "-m", "numerics.show.cli", "prepare"], check=True, stdout=subprocess.DEVNULL)
-    _prepared_in_this_process = True
-
-
 def build_cpu_ops() -> dict[str, float]:
     """Seconds each op took to load (build on a cold cache, import on a warm one). The ops are
     built side by side, one thread each: a build is one compiler process, so on a cold cache
