@@ -20,5 +20,5 @@ def test_fault_is_caught_by_its_target(name, precision, run_cell):
     assert fired & set(fault.targets), f"{name} went undetected; fired: {sorted(fired)}\n{faulty.story()}"
     if not {"completes", "finite"} & set(fault.targets):
         assert "finite" not in fired, f"{name} should stay finite, as the real bug did\n{faulty.story()}"
-    clean = run_cell(fault_cell(fault, clean=True, precision=precision))
+    clean = run_cell(fault_cell(fault, clean=True, precision=precision), reuse=True)
     assert clean.status != "fail", clean.story()

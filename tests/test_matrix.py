@@ -18,4 +18,4 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def test_cell(cell, run_cell):
-    expect_pass(run_cell(cell))
+    expect_pass(run_cell(cell, reuse=True))

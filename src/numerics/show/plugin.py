@@ -20,6 +20,7 @@ from numerics.versions.cells import COMBINATION_ENV
 RESULTS_KEY = pytest.StashKey[list]()
 SECONDS_KEY = pytest.StashKey[dict]()
 POOLS_KEY = pytest.StashKey[PoolSet]()
+REUSED_KEY = pytest.StashKey[dict]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -134,12 +135,22 @@ def numerics_pools(request: pytest.FixtureRequest):
 
 @pytest.fixture
 def run_cell(numerics_pools: PoolSet, numerics_combination: str | None, request: pytest.FixtureRequest):
-    """Run a `RunSpec` through the pool; returns its `CellResult` (verdicts already evaluated)."""
+    """Run a `RunSpec` through the pool; returns its `CellResult` (verdicts already evaluated).
+
+    ``run_cell(spec, reuse=True)`` returns the result of the same spec if this session ran it
+    already with ``reuse=True`` (a fault's clean twin is often a matrix cell): a cell is a pure
+    function of its spec, fp32 bit for bit (tests/test_pool.py). A test that compares two runs
+    of one spec leaves ``reuse`` off."""
 
     golden_dir = request.config.getoption("numerics_golden")
+    ran: dict[RunSpec, CellResult] = request.config.stash.setdefault(REUSED_KEY, {})
 
-    def run(spec: RunSpec) -> CellResult:
+    def run(spec: RunSpec, reuse: bool = False) -> CellResult:
+        if reuse and spec in ran:
+            return ran[spec]
         result = numerics_pools.run(spec)
+        if reuse:
+            ran[spec] = result
         if golden_dir:
             golden.judge(result, Path(golden_dir))
         request.config.stash[RESULTS_KEY].append(result)
