@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from numerics.deviations import measured_text
 from numerics.platform import package_versions
 from numerics.runner import CANNOT, CellResult, first_failing
 from numerics.trace import Trace
@@ -190,7 +191,7 @@ def write_junit(cells: list[dict[str, Any]], path: Path) -> None:
         if cell["status"] == "fail":
             ET.SubElement(case, "failure", message=f"{first['invariant']}: {headline(first['message'])}").text = story(cell)
         elif cell["status"] == "xfail":
-            ET.SubElement(case, "skipped", message=f"known deviation: {first['reason']}").text = story(cell)
+            ET.SubElement(case, "skipped", message=f"known deviation: {known(first)}").text = story(cell)
         elif cell["status"] in CANNOT:
             ET.SubElement(case, "skipped", message=f"{cell['status']}: {headline(first['message'])}").text = story(cell)
     ET.ElementTree(suite).write(path, encoding="unicode", xml_declaration=True)
@@ -205,9 +206,17 @@ def story(cell: dict[str, Any]) -> str:
     lines = [f"cell {cell['cell']}: {cell['status']}", f"spec: {cell['spec']}"]
     if cell.get("trace"):
         lines.append(f"meta: {cell['trace']['meta']}")
-    lines += [f"  {v['status']:5s} {v['invariant']}: {v['message']}" + (f" [known: {v['reason']}]" if v.get("reason") else "")
+    lines += [f"  {v['status']:5s} {v['invariant']}: {v['message']}" + (f" [known: {known(v)}]" if v.get("reason") else "")
               for v in cell["verdicts"]]
     return "\n".join(lines)
+
+
+def known(verdict: dict[str, Any]) -> str:
+    """A verdict's known deviation: the entry's reason, then its signature beside what was measured."""
+    text = verdict.get("reason", "")
+    if verdict.get("signature"):
+        text += f"; signature: {verdict['signature']}; measured: {measured_text(verdict.get('measured') or {})}"
+    return text
 
 
 def load(directory: Path) -> dict[str, Any]:
