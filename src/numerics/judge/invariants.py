@@ -8,6 +8,7 @@ so all ranks of a cell fail together and none is left hanging.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import traceback
@@ -31,6 +32,10 @@ class Verdict:
     message: str = ""
     step: int | None = None
     reason: str = ""  # for xfail/xpass: the known deviation
+    # The figures a failure was judged by, by name (e.g. ``ratio``, ``worst_rel``, ``step``,
+    # ``rtol``): what a known deviation's signature is checked against (deviations.py).
+    measured: dict[str, float] = dataclasses.field(default_factory=dict)
+    signature: str = ""  # the known deviation's signature, when one matched this verdict by cell and release
 
     @property
     def failed(self) -> bool:
@@ -65,9 +70,10 @@ def _na(name: str, message: str) -> Verdict:
     return Verdict(name, "n/a", message)
 
 
-def _fail(name: str, trace: Trace, step: int | None, message: str) -> Verdict:
+def _fail(name: str, trace: Trace, step: int | None, message: str, **measured: float) -> Verdict:
     where = f" at step {step}" if step is not None else ""
-    return Verdict(name, "fail", f"[{trace.cell}]{where}: {message}", step)
+    figures = ({"step": step} if step is not None else {}) | measured
+    return Verdict(name, "fail", f"[{trace.cell}]{where}: {message}", step, measured=figures)
 
 
 def _tolerance(trace: Trace):
@@ -153,7 +159,8 @@ def assert_learns(trace: Trace, reference: Trace | None) -> Verdict:
     if not last <= needed:
         return _fail("learns", trace, None,
                      f"mean loss {first:.4f} over the first {window} steps fell only to {last:.4f} over the last "
-                     f"{window}; needed <= {needed:.4f} ({THRESHOLDS.learn_fraction:.0%} of the way to {target:.4f})")
+                     f"{window}; needed <= {needed:.4f} ({THRESHOLDS.learn_fraction:.0%} of the way to {target:.4f})",
+                     closed=(first - last) / (first - target) if first != target else 0.0)
     return _pass("learns", f"{first:.4f} -> {last:.4f}")
 
 
@@ -165,18 +172,30 @@ def aligned(trace: Trace, reference: Trace) -> list[tuple[StepRecord, StepRecord
     return list(zip(applied, steps))
 
 
+def ratios(pairs: list[tuple[float | None, float | None]]) -> dict[str, float]:
+    """Over every step that has both, the range of value / expected and the worst relative
+    difference (NaN if any is): what a known deviation's signature bounds, a scale error showing
+    as a constant ratio, a drift as a growing difference."""
+    known = np.array([(v, e) for v, e in pairs if v is not None and e is not None], dtype=np.float64)
+    ratio = known[:, 0] / np.where(known[:, 1] == 0, np.nan, known[:, 1])
+    error = np.abs(known[:, 0] - known[:, 1]) / np.maximum(np.abs(known[:, 1]), 1e-30)
+    return {"ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()), "worst_rel": float(error.max())}
+
+
 def _parity(trace: Trace, reference: Trace | None, name: str, field: str, rtol: float) -> Verdict:
     if reference is None:
         return _na(name, "no reference trace")
-    for record, ref in aligned(trace, reference):
-        value, expected = getattr(record, field), getattr(ref, field)
+    steps = aligned(trace, reference)
+    pairs = [(getattr(record, field), getattr(ref, field)) for record, ref in steps]
+    for (record, _), (value, expected) in zip(steps, pairs):
         if value is None or expected is None:
             return _na(name, f"{field} not recorded at step {record.step}")
         if not relative(value, expected) <= rtol:
             return _fail(name, trace, record.step,
                          f"{field} {value:.6g} vs reference {expected:.6g}: relative difference "
                          f"{relative(value, expected):.3g} > {rtol:g} ({trace.spec.get('dtype')}); "
-                         "this is the first diverging step")
+                         "this is the first diverging step",
+                         ratio=value / expected if expected else math.inf, rtol=rtol, **ratios(pairs))
     return _pass(name)
 
 
@@ -231,13 +250,14 @@ def assert_step0_grads(trace: Trace, reference: Trace | None) -> Verdict:
         error = float(np.linalg.norm(got.reshape(-1) - expected.reshape(-1)) / max(np.linalg.norm(expected), 1e-30))
         worst = max(worst, (name, error), key=lambda item: item[1])
     scale = step0_scale(trace, reference)
+    figures = {"worst_rel": worst[1], "scale": scale, "rtol": tol.step0_grad_rtol, "scale_rtol": tol.step0_scale_rtol}
     if worst[1] > tol.step0_grad_rtol:
         return _fail("step0_grads", trace, 0, f"gradient of {worst[0]} differs from the reference by {worst[1]:.3g} "
-                     f"(relative L2) > {tol.step0_grad_rtol:g}")
+                     f"(relative L2) > {tol.step0_grad_rtol:g}", **figures)
     if not abs(scale - 1.0) <= tol.step0_scale_rtol:
         return _fail("step0_grads", trace, 0, f"the gradient is {scale:.6g}x the reference's along its direction "
                      f"(|scale - 1| {abs(scale - 1.0):.3g} > {tol.step0_scale_rtol:g}), every parameter within "
-                     f"{tol.step0_grad_rtol:g}: a uniform scale error (divisor, token count, normalisation)")
+                     f"{tol.step0_grad_rtol:g}: a uniform scale error (divisor, token count, normalisation)", **figures)
     return _pass("step0_grads", f"worst {worst[0]} {worst[1]:.2g}; scale 1{scale - 1.0:+.2g}")
 
 
@@ -245,16 +265,17 @@ def assert_step0_grads(trace: Trace, reference: Trace | None) -> Verdict:
 def assert_grad_norm_agrees(trace: Trace, reference: Trace | None) -> Verdict:
     """The engine's reported grad norm (what users log and clip by) equals the independently computed one."""
     rtol = _tolerance(trace).grad_norm_agree_rtol
-    checked = 0
-    for record in _applied(trace):
-        if record.grad_norm_reported is None or record.grad_norm is None:
+    applied = _applied(trace)
+    pairs = [(r.grad_norm_reported, r.grad_norm) for r in applied]
+    for record, (reported, computed) in zip(applied, pairs):
+        if reported is None or computed is None:
             continue
-        checked += 1
-        if not relative(record.grad_norm_reported, record.grad_norm) <= rtol:
+        if not relative(reported, computed) <= rtol:
             return _fail("grad_norm_agrees", trace, record.step,
-                         f"engine reports grad norm {record.grad_norm_reported:.6g}, computed {record.grad_norm:.6g} "
-                         f"(relative difference {relative(record.grad_norm_reported, record.grad_norm):.3g} > {rtol:g})")
-    if not checked:
+                         f"engine reports grad norm {reported:.6g}, computed {computed:.6g} "
+                         f"(relative difference {relative(reported, computed):.3g} > {rtol:g})",
+                         ratio=reported / computed if computed else math.inf, rtol=rtol, **ratios(pairs))
+    if not any(reported is not None and computed is not None for reported, computed in pairs):
         return _na("grad_norm_agrees", "the engine reported no grad norm")
     return _pass("grad_norm_agrees")
 
@@ -280,7 +301,9 @@ def assert_gathered_params_match(trace: Trace, reference: Trace | None) -> Verdi
         if not worst == 0.0:  # NaN included
             return _fail("gathered_params_match", trace, record.step,
                          f"GatheredParameters differs from the fp32 master by up to {worst:.3g} "
-                         f"(per rank: {[f'{e:.3g}' for e in record.gathered_errors]}; bit-exact expected)")
+                         f"(per rank: {[f'{e:.3g}' for e in record.gathered_errors]}; bit-exact expected)",
+                         worst=worst, ranks_wrong=sum(not e == 0.0 for e in record.gathered_errors),
+                         ranks=len(record.gathered_errors))
     if not any(r.gathered_errors for r in trace.steps):
         return _na("gathered_params_match", "parameters are not partitioned (ZeRO 0-2)")
     return _pass("gathered_params_match")
@@ -365,7 +388,12 @@ def assert_resume_matches(trace: Trace, reference: Trace | None) -> Verdict:
     for record in trace.steps[resume_step:]:
         mismatch = _resume_mismatch(record, expected[record.step])
         if mismatch:
-            return _fail("resume_matches", trace, record.step, f"resumed at step {resume_step}, then {mismatch}")
+            resumed = trace.steps[resume_step:]
+            return _fail("resume_matches", trace, record.step, f"resumed at step {resume_step}, then {mismatch}",
+                         after_resume=record.step - resume_step,
+                         params_only=float(record.loss == expected[record.step]["loss"]
+                                           and record.grad_norm == expected[record.step]["grad_norm"]),
+                         **ratios([(r.loss, expected[r.step]["loss"]) for r in resumed]))
     return _pass("resume_matches", f"{len(trace.steps) - resume_step} steps after the resume at step {resume_step} match")
 
 
@@ -469,7 +497,8 @@ def assert_logged_matches(trace: Trace, reference: Trace | None) -> Verdict:
                 return _fail("logged_matches", trace, record.step,
                              f"the Trainer logged {figure} {value:.6g}, measured {measured:.6g}: relative difference "
                              f"{relative(value, measured):.3g} > {rtol:g} ({trace.spec.get('dtype')}) + {atol:g} absolute; "
-                             "its user reads a wrong figure")
+                             "its user reads a wrong figure",
+                             **{f"{figure}_ratio": value / measured if measured else math.inf}, rtol=rtol)
             compared += 1
     if not compared:
         return _na("logged_matches", "no logged figure was measured")

@@ -112,9 +112,17 @@ def story(cell: dict[str, Any]) -> str:
     lines = [f"cell {cell['cell']}: {cell['status']}", f"spec: {cell['spec']}"]
     if cell.get("trace"):
         lines.append(f"meta: {cell['trace']['meta']}")
-    lines += [f"  {v['status']:5s} {v['invariant']}: {v['message']}" + (f" [known: {v['reason']}]" if v.get("reason") else "")
+    lines += [f"  {v['status']:5s} {v['invariant']}: {v['message']}" + (f" [known: {known(v)}]" if v.get("reason") else "")
               for v in cell["verdicts"]]
     return "\n".join(lines)
+
+
+def known(verdict: dict[str, Any]) -> str:
+    """A verdict's known deviation: the entry's reason, then its signature beside what was measured."""
+    text = verdict.get("reason", "")
+    if verdict.get("signature"):
+        text += f"; signature: {verdict['signature']}; measured: {deviations.measured_text(verdict.get('measured') or {})}"
+    return text
 
 
 def evaluate(outcome: CellOutcome) -> CellResult:

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from numerics.run.platform import package_versions
-from numerics.run.runner import CANNOT, CellResult, cell_record, final_loss, first_failing, steps_per_s, story
+from numerics.run.runner import CANNOT, CellResult, cell_record, final_loss, first_failing, known, steps_per_s, story
 from numerics.show.results import SCHEMA, ReportError, write_json
 
 STATUS_STYLE = {"pass": "green", "xfail": "yellow", "fail": "bold red", "cannot run": "magenta", "cannot build": "magenta"}
@@ -136,7 +136,7 @@ def write_junit(cells: list[dict[str, Any]], path: Path) -> None:
         if cell["status"] == "fail":
             ET.SubElement(case, "failure", message=f"{first['invariant']}: {headline(first['message'])}").text = story(cell)
         elif cell["status"] == "xfail":
-            ET.SubElement(case, "skipped", message=f"known deviation: {first['reason']}").text = story(cell)
+            ET.SubElement(case, "skipped", message=f"known deviation: {known(first)}").text = story(cell)
         elif cell["status"] in CANNOT:
             ET.SubElement(case, "skipped", message=f"{cell['status']}: {headline(first['message'])}").text = story(cell)
     ET.ElementTree(suite).write(path, encoding="unicode", xml_declaration=True)

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from numerics.judge.deviations import measured_text
 from numerics.show.curves import Series, cell_series, figure_png
 from numerics.show.results import ReportError, load
 
@@ -104,10 +105,20 @@ def box(cell: dict[str, Any]) -> str:
             f'style="background:{COLOURS.get(cell["status"], "#555")}"></span></a>')
 
 
+def signature_table(verdict: dict[str, Any]) -> str:
+    """A known deviation's signature beside what this verdict measured: whether the failure is the
+    known one (xfail) or only looks like it by cell and release (fail) reads at a glance."""
+    if not verdict.get("signature"):
+        return ""
+    return (f"<table class='signature'><tr><th>signature</th><th>measured</th></tr><tr><td>{esc(verdict['signature'])}</td>"
+            f"<td>{esc(measured_text(verdict.get('measured') or {}))}</td></tr></table>")
+
+
 def verdict_rows(cell: dict[str, Any]) -> str:
     rows = "".join(f"<tr><td>{status_badge(v['status']) if v['status'] != 'n/a' else 'n/a'}</td><td>{esc(v['invariant'])}</td>"
                    f"<td>{esc(v['step'] if v.get('step') is not None else '')}</td><td>{esc(v['message'])}"
-                   + (f"<br><b>known deviation:</b> {esc(v['reason'])}" if v.get("reason") else "") + "</td></tr>"
+                   + (f"<br><b>known deviation:</b> {esc(v['reason'])}" if v.get("reason") else "")
+                   + signature_table(v) + "</td></tr>"
                    for v in cell["verdicts"])
     return f"<table><tr><th>verdict</th><th>invariant</th><th>step</th><th>message</th></tr>{rows}</table>"
 
