@@ -167,24 +167,40 @@ ZERO0_FP16_SIGNATURES = {
         "measured first diverging step 1-7; worst 0.0205 AdamW (LoRA; 0.0062 full fine-tuning), 0.124 SGD"),
 }
 
+REPORTS_TRUE_NORM = Signature(
+    "reported grad norm = 4096 (the loss scale) x the computed one at every step, to the cell's tolerance",
+    lambda m, cell: near(m["ratio_min"] / LOSS_SCALE, 1.0, m["rtol"]) and near(m["ratio_max"] / LOSS_SCALE, 1.0, m["rtol"]),
+    "measured |ratio / 4096 - 1| <= 9.2e-8 (tolerance 1e-4) with client optimizers, 1.2e-7 with SGD from the config (GA 4)")
+ZERO0_BF16_DRIFT = Signature(
+    f"{LOSS_AFTER_STEP0}; a drift of at most 4.5 x the cell's loss tolerance",
+    lambda m, cell: m["step"] >= 1 and m["worst_rel"] <= 4.5 * m["rtol"],
+    "measured first diverging step 3-12; worst 2.27 x the tolerance (LoRA seed 2: 0.0136 vs 0.006; full "
+    "fine-tuning 1.83 x; 8-step resume cell 1.43 x)")
+
 TODAY: list[Deviation] = [
     *(Deviation({"zero_stage": 0, "dtype": "fp16", "fault": None}, name, DS_019, ZERO0_FP16, signature=signature)
       for name, signature in ZERO0_FP16_SIGNATURES.items()),
     Deviation({"zero_stage": 0, "dtype": "fp16", "optimizer_source": "client", "fault": None}, "grad_norm_agrees", DS_019,
               "ZeRO-0 fp16 with a client optimizer: the engine reports the true norm while the "
               "optimizer steps with gradient/scale (see the ZeRO-0 fp16 entries).",
-              signature=Signature("reported grad norm = 4096 (the loss scale) x the computed one at every step, to the "
-                                  "cell's tolerance",
-                                  lambda m, cell: near(m["ratio_min"] / LOSS_SCALE, 1.0, m["rtol"])
-                                  and near(m["ratio_max"] / LOSS_SCALE, 1.0, m["rtol"]),
-                                  "measured |ratio / 4096 - 1| <= 9.2e-8 (tolerance 1e-4)")),
-    # 16-step cells; the 8-step resume cells end before the drift crosses the tolerance.
+              signature=REPORTS_TRUE_NORM),
+    # Measured at GA 4 only (the one such cell of the default matrix), hence not strict.
+    Deviation({"zero_stage": 0, "dtype": "fp16", "optimizer": "sgd", "optimizer_source": "config", "fault": None},
+              "grad_norm_agrees", DS_019, "ZeRO-0 fp16 with SGD from the config: as with a client optimizer, the "
+              "engine reports the true norm while the optimizer steps with gradient/scale.", strict=False,
+              signature=REPORTS_TRUE_NORM),
+    Deviation({"zero_stage": 0, "dtype": "fp16", "optimizer": "sgd", "fault": None}, "learns", DS_019,
+              "ZeRO-0 fp16 with SGD: the update is gradient/4096 (see the ZeRO-0 fp16 entries), which SGD does "
+              "not normalise away: the loss barely moves.", strict=False,
+              signature=Signature("the loss closes at most 1% of the way to its floor (SGD steps gradient/4096)",
+                                  lambda m, cell: m["closed"] <= 0.01,
+                                  "measured 8.0e-5 of the way (zero0-fp16-ws2-ga4-config_sgd, seed 0)")),
     Deviation({"zero_stage": 0, "dtype": "bf16", "optimizer": "adamw", "fault": None, "driver": ("engine", "trainer")},
-              "parity_loss", ZERO0_BF16_FP16_OPTIMIZER, ZERO0_BF16,
-              signature=Signature(f"{LOSS_AFTER_STEP0}; a drift of at most 4.5 x the cell's loss tolerance",
-                                  lambda m, cell: m["step"] >= 1 and m["worst_rel"] <= 4.5 * m["rtol"],
-                                  "measured first diverging step 3-12; worst 2.27 x the tolerance (LoRA seed 2: "
-                                  "0.0136 vs 0.006; full fine-tuning 1.83 x)")),
+              "parity_loss", ZERO0_BF16_FP16_OPTIMIZER, ZERO0_BF16, signature=ZERO0_BF16_DRIFT),
+    # 8-step resume cells cross the tolerance in some cells only (full fine-tuning 1.43 x at step 3,
+    # seed 0), hence not strict.
+    Deviation({"zero_stage": 0, "dtype": "bf16", "optimizer": "adamw", "fault": None, "driver": "resume"},
+              "parity_loss", ZERO0_BF16_FP16_OPTIMIZER, ZERO0_BF16, strict=False, signature=ZERO0_BF16_DRIFT),
     # The drifted weights move the grad norm too, past the tolerance on some seeds only (LoRA seed 1:
     # 0.184 > 0.15 at step 8; seed 0 within), hence not strict.
     Deviation({"zero_stage": 0, "dtype": "bf16", "optimizer": "adamw", "fault": None, "driver": ("engine", "trainer")},
