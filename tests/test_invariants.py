@@ -76,6 +76,58 @@ def test_bad_trace_fails_naming_the_step(name, trace, step):
         assert f"at step {step}:" in result.message
 
 
+ZERO3 = SPEC.with_(zero_stage=3)
+# Per parameter, what the reference's two ZeRO-3 slices moved by in a step: "b" has one element,
+# so the second slice is empty (DeepSpeed pads it).
+SLICE_UPDATES = {"w": (0.3, 0.4), "b": (0.05, 0.0)}
+
+
+def zero3_trace(spec=ZERO3, scale=lambda step, rank: 1.0) -> Trace:
+    """A healthy ZeRO-3 trace whose rank r's slices moved by the reference's (`zero3_trace()`) times
+    ``scale(step, r)``; its checksums agree, as every rank assembles the same master."""
+    trace = make_trace(spec=spec)
+    for record in trace.steps:
+        record.partition_updates = [{name: moved[rank] * scale(record.step, rank) for name, moved in SLICE_UPDATES.items()}
+                                    for rank in range(2)]
+    return trace
+
+
+def test_zero3_rank_that_missed_an_update_fails_naming_rank_step_and_parameter():
+    result = verdict("replicas_agree", zero3_trace(scale=lambda step, rank: 0.0 if (step, rank) == (8, 1) else 1.0),
+                     zero3_trace())
+    assert result.status == "fail" and result.step == 8, result.message
+    assert "rank 1's slices of the fp32 master moved by 0 " in result.message
+    assert "the reference's same slices by 0.4" in result.message and "most off: w 0 vs 0.4" in result.message
+
+
+@pytest.mark.parametrize("dtype, scale, status", [
+    ("fp32", 1 + 1e-5, "pass"), ("fp32", 1 + 1e-3, "fail"),
+    ("bf16", 1.02, "pass"), ("bf16", 0.9, "fail"), ("bf16", 1.2, "fail"),
+])
+def test_zero3_slice_updates_are_held_to_the_dtypes_tolerance(dtype, scale, status):
+    spec = ZERO3.with_(dtype=dtype)
+    trace = zero3_trace(spec, lambda step, rank: scale if (step, rank) == (5, 0) else 1.0)
+    result = verdict("replicas_agree", trace, zero3_trace(spec))
+    assert result.status == status, result.message
+    assert result.step == (5 if status == "fail" else None)
+
+
+def test_zero3_checksums_that_agree_are_not_enough():
+    """At ZeRO-3 equal checksums hold by construction: without the ranks' slices nothing is compared."""
+    trace = zero3_trace()
+    for record in trace.steps:
+        record.partition_updates = []
+    assert verdict("replicas_agree", trace, zero3_trace()).status == "n/a"
+    assert verdict("replicas_agree", zero3_trace(), reference=None).status == "n/a"
+
+
+def test_zero3_checksums_that_differ_still_fail():
+    trace = zero3_trace()
+    trace.steps[3].param_checksums = ["sum3", "drifted"]
+    result = verdict("replicas_agree", trace, zero3_trace())
+    assert result.status == "fail" and result.step == 3 and "checksums differ" in result.message
+
+
 def test_finite_ignores_inf_grad_norm_of_a_skipped_fp16_step():
     trace = make_trace(grad_norms=with_step(GOOD_GRADS, 4, math.inf))
     trace.steps[4].skipped = True
