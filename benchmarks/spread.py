@@ -4,7 +4,8 @@ Runs clean cells that differ only in ways that must not change the numbers beyon
 (ZeRO stage, world size, GA split of the same global batch, communication dtype, client or
 config optimizer: the reduction order changes, the maths does not) and measures each against
 the plain-torch reference: per-step loss and grad norm, the step-0 gradient per parameter and
-its scale, and the engine's reported norm against ours. Prints the largest spread per
+its scale, the engine's reported norm against ours, and at ZeRO-3 what each rank's slices of
+the fp32 master moved by per step against the reference's same slices. Prints the largest spread per
 tolerance class next to the tolerance (`thresholds.py`) and the headroom, so the tolerances
 can be re-derived on new hardware or releases. Known deviations (xfail) are left out, as the
 reasons say; a cell that fails is listed, not measured. Usage:
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -30,6 +32,7 @@ from numerics.show.cli import add_cover
 MEASURES = {  # measure -> the Tolerance field it bounds
     "loss": "loss_rtol", "grad norm": "grad_rtol", "step-0 gradient": "step0_grad_rtol",
     "step-0 scale": "step0_scale_rtol", "reported norm": "grad_norm_agree_rtol",
+    "ZeRO-3 slice update": "partition_update_rtol",
 }
 FAMILIES = ("comm", "accum", "ws4", "default_buckets", "lora")  # engine cells with a parity reference
 
@@ -42,6 +45,9 @@ def spread(result: CellResult) -> dict[str, float]:
            "grad norm": max(relative(r.grad_norm, e.grad_norm) for r, e in pairs if r.grad_norm and e.grad_norm),
            "reported norm": max((relative(r.grad_norm_reported, r.grad_norm) for r, _ in pairs
                                  if r.grad_norm_reported is not None and r.grad_norm), default=float("nan"))}
+    if any(r.partition_updates for r, _ in pairs):
+        out["ZeRO-3 slice update"] = max(relative(math.hypot(*mine.values()), math.hypot(*theirs.values()))
+                                         for r, e in pairs for mine, theirs in zip(r.partition_updates, e.partition_updates))
     if trace.step0_grads and reference.step0_grads and not trace.steps[0].skipped:
         out["step-0 gradient"] = max(float(np.linalg.norm(trace.step0_grads[n].reshape(-1) - g.reshape(-1)) /
                                            max(np.linalg.norm(g), 1e-30)) for n, g in reference.step0_grads.items())

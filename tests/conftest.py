@@ -37,6 +37,22 @@ def make_trace(losses=None, grad_norms=None, reported="same", checksums=2, gathe
 GOOD_LOSSES = make_trace().values("loss")
 
 
+ZERO3 = SPEC.with_(zero_stage=3)
+# Per parameter, what the reference's two ZeRO-3 slices moved by in a step: "b" has one element,
+# so the second slice is empty (DeepSpeed pads it).
+SLICE_UPDATES = {"w": (0.3, 0.4), "b": (0.05, 0.0)}
+
+
+def zero3_trace(spec=ZERO3, scale=lambda step, rank: 1.0) -> Trace:
+    """A healthy ZeRO-3 trace whose rank r's slices moved by the reference's (`zero3_trace()`) times
+    ``scale(step, r)``; its checksums agree, as every rank assembles the same master."""
+    trace = make_trace(spec=spec)
+    for record in trace.steps:
+        record.partition_updates = [{name: moved[rank] * scale(record.step, rank) for name, moved in SLICE_UPDATES.items()}
+                                    for rank in range(2)]
+    return trace
+
+
 def result(spec, *verdicts, trace=True):
     """A judged cell from hand-made verdicts (after ``completes``), with a healthy trace unless ``trace=False``."""
     outcome = CellOutcome(spec, trace=make_trace(spec=spec) if trace else None, wall_s=1.5)

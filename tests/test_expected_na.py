@@ -1,5 +1,5 @@
 """An n/a passes a cell only where the cell's spec declares it (numerics.judge.expected_na)."""
-from conftest import make_trace
+from conftest import ZERO3, make_trace, zero3_trace
 
 from numerics.cell.spec import RunSpec
 from numerics.judge.expected_na import EXPECTED_NA, judge_na
@@ -31,3 +31,14 @@ def test_every_entry_names_a_known_invariant_and_real_spec_fields():
     fields = RunSpec().to_dict()
     for entry in EXPECTED_NA:
         assert entry.invariant in INVARIANTS and set(entry.cell) <= set(fields) and entry.reason
+
+
+def test_a_zero3_epochs_cell_declares_it_has_no_reference_to_compare_slices_with():
+    """Its reference does not replay the finite dataset and schedule, so its ranks' slices cannot be
+    compared with it; a ZeRO-3 cell held to parity that recorded none fails."""
+    epochs = ZERO3.with_(driver="epochs", invariants=("finite", "replicas_agree"))
+    [judged] = judge_na(check(zero3_trace(epochs), zero3_trace(), ("replicas_agree",)), epochs)
+    assert judged.status == "n/a" and "does not replay its finite dataset" in judged.message
+    unrecorded = make_trace(spec=ZERO3)
+    [judged] = judge_na(check(unrecorded, zero3_trace(), ("replicas_agree",)), ZERO3)
+    assert judged.status == "fail" and "nothing was compared" in judged.message

@@ -22,3 +22,19 @@ def test_fault_is_caught_by_its_target(name, precision, run_cell):
         assert "finite" not in fired, f"{name} should stay finite, as the real bug did\n{faulty.story()}"
     clean = run_cell(fault_cell(fault, clean=True, precision=precision), reuse=True)
     assert clean.status != "fail", clean.story()
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_rank_misses_update_is_caught_below_zero3_too(stage, precision, run_cell):
+    """``rank_misses_update`` runs at ZeRO-3 above, where only the comparison of each rank's slices
+    with the reference sees it; below ZeRO-3 every rank holds the module weights whole, and the
+    checksums must differ at the step it missed (DeepSpeed's next all-gather, or at ZeRO-0 bf16 the
+    next copy from the fp32 master, may re-synchronise the ranks after it: the step itself shows)."""
+    spec = fault_cell(FAULTS["rank_misses_update"], precision=precision).with_(zero_stage=stage)
+    faulty = run_cell(spec)
+    failed = {v.invariant: v for v in faulty.verdicts if v.failed}
+    assert "replicas_agree" in failed and failed["replicas_agree"].step == spec.steps // 2, faulty.story()
+    assert "finite" not in failed, faulty.story()
+    clean = run_cell(spec.with_(fault=None))
+    assert clean.status != "fail", clean.story()

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import GOOD_LOSSES, SPEC, STEPS, make_trace
+from conftest import GOOD_LOSSES, SPEC, STEPS, ZERO3, make_trace, zero3_trace
 
 from numerics.cell.invariant_sets import DEFAULT_INVARIANTS, INVARIANT_NAMES
 from numerics.judge.invariants import INVARIANTS, PER_STEP, check, invariant
@@ -55,6 +55,42 @@ def test_bad_trace_fails_naming_the_step(name, trace, step):
     assert f"[{SPEC.cell_id}]" in result.message
     if step is not None:
         assert f"at step {step}:" in result.message
+
+
+def test_zero3_rank_that_missed_an_update_fails_naming_rank_step_and_parameter():
+    result = verdict("replicas_agree", zero3_trace(scale=lambda step, rank: 0.0 if (step, rank) == (8, 1) else 1.0),
+                     zero3_trace())
+    assert result.status == "fail" and result.step == 8, result.message
+    assert "rank 1's slices of the fp32 master moved by 0 " in result.message
+    assert "the reference's same slices by 0.4" in result.message and "most off: w 0 vs 0.4" in result.message
+
+
+@pytest.mark.parametrize("dtype, scale, status", [
+    ("fp32", 1 + 1e-5, "pass"), ("fp32", 1 + 1e-3, "fail"),
+    ("bf16", 1.02, "pass"), ("bf16", 0.9, "fail"), ("bf16", 1.2, "fail"),
+])
+def test_zero3_slice_updates_are_held_to_the_dtypes_tolerance(dtype, scale, status):
+    spec = ZERO3.with_(dtype=dtype)
+    trace = zero3_trace(spec, lambda step, rank: scale if (step, rank) == (5, 0) else 1.0)
+    result = verdict("replicas_agree", trace, zero3_trace(spec))
+    assert result.status == status, result.message
+    assert result.step == (5 if status == "fail" else None)
+
+
+def test_zero3_checksums_that_agree_are_not_enough():
+    """At ZeRO-3 equal checksums hold by construction: without the ranks' slices nothing is compared."""
+    trace = zero3_trace()
+    for record in trace.steps:
+        record.partition_updates = []
+    assert verdict("replicas_agree", trace, zero3_trace()).status == "n/a"
+    assert verdict("replicas_agree", zero3_trace(), reference=None).status == "n/a"
+
+
+def test_zero3_checksums_that_differ_still_fail():
+    trace = zero3_trace()
+    trace.steps[3].param_checksums = ["sum3", "drifted"]
+    result = verdict("replicas_agree", trace, zero3_trace())
+    assert result.status == "fail" and result.step == 3 and "checksums differ" in result.message
 
 
 def test_finite_ignores_inf_grad_norm_of_a_skipped_fp16_step():

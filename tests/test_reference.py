@@ -1,10 +1,13 @@
 """The plain-torch reference: what it depends on, and how it lines up with a cell that skipped steps."""
 import json
+import math
+
+import torch
 
 from numerics.cell.spec import RunSpec
 from numerics.judge.invariants import check
 from numerics.judge.trace import StepRecord, Trace
-from numerics.run.reference import ReferenceKey, applied_samples, reference_trace
+from numerics.run.reference import ReferenceKey, applied_samples, partition_updates, reference_trace
 
 SPEC = RunSpec(world_size=1, steps=6, seed=3)
 WARMUP = {"scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": SPEC.lr,
@@ -48,3 +51,14 @@ def test_a_cell_that_skipped_a_step_is_compared_with_a_reference_of_its_applied_
     assert [v.status for v in check(cell, aligned, ("parity_loss", "parity_grad_norm"))] == ["pass", "pass"]
     # against the reference that never skipped, the same healthy cell would look one update ahead of itself
     assert check(cell, reference, ("parity_loss",))[0].status == "fail"
+
+
+def test_slices_follow_zero3s_layout_and_a_zero3_reference_has_one_per_rank():
+    """Rank r's slice of n elements over W ranks is [r * ceil(n / W), (r + 1) * ceil(n / W)), the last short."""
+    slices = partition_updates({"p": torch.zeros(5)}, {"p": torch.arange(5.0)}, 2)
+    assert slices == [{"p": math.sqrt(0 + 1 + 4)}, {"p": math.sqrt(9 + 16)}]
+    zero3 = SPEC.with_(zero_stage=3, world_size=2, micro_batch=2)
+    assert ReferenceKey.of(zero3).partitions == 2 and ReferenceKey.of(zero3.with_(zero_stage=2)).partitions == 1
+    step = reference_trace(zero3).steps[0]
+    assert len(step.partition_updates) == 2
+    assert math.isclose(math.hypot(*(u for updates in step.partition_updates for u in updates.values())), step.update_norm)

@@ -174,6 +174,55 @@ class LastRankSkipsReduction(Fault):
             reduced.copy_(local)
 
 
+class RankMissesUpdate(Fault):
+    """The last rank keeps its pre-step weights through one optimizer step mid-run, as a rank whose
+    update was lost would (a dropped all-gather of the updated partitions, a step it swallowed):
+    its module weights at ZeRO 0-2; at ZeRO-3 its own slice of the fp32 master and the
+    low-precision partition (``ds_tensor``) the forward gathers. The other ranks step normally."""
+
+    @contextmanager
+    def installed(self, engine: Any, spec: Any, rank: int) -> Iterator[None]:
+        if rank != spec.world_size - 1:
+            yield
+            return
+        step, missed = engine.step, spec.steps // 2
+
+        def step_missing_one(*args: Any, **kwargs: Any) -> Any:
+            if engine.global_steps != missed or not engine.is_gradient_accumulation_boundary():
+                return step(*args, **kwargs)
+            restore = _kept_weights(engine)
+            result = step(*args, **kwargs)
+            restore()
+            return result
+
+        engine.step = step_missing_one
+        try:
+            yield
+        finally:
+            del engine.step
+
+
+def _kept_weights(engine: Any) -> Callable[[], None]:
+    """Copy what this rank holds of the trainable weights; the call returned puts the copy back."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    if engine.zero_optimization_stage() == 3:
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        partitions = [(p, safe_get_local_fp32_param(p).detach().clone(), p.ds_tensor.detach().clone()) for p in params]
+
+        def restore() -> None:
+            for param, master, working in partitions:
+                safe_set_local_fp32_param(param, master)
+                param.ds_tensor.data.copy_(working)
+    else:
+        weights = [(p, p.detach().clone()) for p in params]
+
+        def restore() -> None:
+            for param, kept in weights:
+                param.data.copy_(kept)
+    return restore
+
+
 class CausalMaskLeak(Fault):
     def prepare_model(self, model, spec):
         for module in model.modules():
@@ -328,6 +377,10 @@ FAULTS: dict[str, Fault] = {
         LastRankSkipsReduction(
             "rank_skips_reduction", "the last rank keeps its local gradients instead of the reduced ones",
             ("replicas_agree",), dict(zero_stage=0),
+        ),
+        RankMissesUpdate(
+            "rank_misses_update", "the last rank keeps its pre-step weights through one optimizer step mid-run",
+            ("replicas_agree",), dict(zero_stage=3),  # tests/test_faults.py runs it at every stage
         ),
         CausalMaskLeak(
             "causal_mask_leak", "attention sees future tokens",

@@ -282,13 +282,61 @@ def assert_grad_norm_agrees(trace: Trace, reference: Trace | None) -> Verdict:
 
 @invariant("replicas_agree")
 def assert_replicas_agree(trace: Trace, reference: Trace | None) -> Verdict:
-    """After every step, every rank holds bit-identical full parameters."""
+    """After every step, every rank holds what it should.
+
+    ZeRO 0-2: every rank holds the module's weights whole, and their checksums must be equal
+    across ranks, bit for bit. At ZeRO-1/2 these are the working weights (low precision where
+    the cell is) each rank rebuilds from DeepSpeed's all-gather of the updated partitions: a rank
+    that did not receive or apply the update differs.
+
+    ZeRO-3: no rank holds a parameter whole. The checksums are then of the fp32 master that the
+    measurement assembles from every rank's partitions, equal on every rank unless that gather
+    misbehaves, so they are still compared but prove little. What each rank alone holds, its
+    slice of the fp32 master, is compared with the reference's same slices instead
+    (`partition_updates_agree`)."""
     for record in trace.steps:
         if len(set(record.param_checksums)) > 1:
             return _fail("replicas_agree", trace, record.step, f"parameter checksums differ across ranks: {record.param_checksums}")
     if not any(len(r.param_checksums) > 1 for r in trace.steps):
         return _na("replicas_agree", "single rank")
+    if trace.spec.get("zero_stage") == 3:
+        return partition_updates_agree(trace, reference)
     return _pass("replicas_agree")
+
+
+def partition_updates_agree(trace: Trace, reference: Trace | None) -> Verdict:
+    """ZeRO-3: at every applied step, what each rank's slices of the fp32 master moved by (the norm
+    of the update over all its slices) equals what the reference's same slices moved by, within
+    the dtype's ``partition_update_rtol``. A rank that misses an update moves by 0 where the
+    reference moves; one that applies a stale or foreign update moves by the wrong amount.
+    The update, not the weights, is compared: over 16 steps a bf16 cell's slices drift from the
+    fp32 reference by about as much as one update moves them (thresholds.py), which would hide a
+    missed step in the weights; in that step's update it is off by 100 %."""
+    name = "replicas_agree"
+    if reference is None:
+        return _na(name, "ZeRO-3: no reference to compare each rank's partition with")
+    if "parity_loss" not in trace.spec.get("invariants", ()):
+        return _na(name, "ZeRO-3: the cell is not held to parity with its reference (it does not replay "
+                   "the cell), so no rank's partition can be compared with it")
+    rtol = _tolerance(trace).partition_update_rtol
+    for record, expected in aligned(trace, reference):
+        if not record.partition_updates or len(record.partition_updates) != len(expected.partition_updates):
+            return _na(name, f"ZeRO-3: {len(record.partition_updates)} ranks' partition updates recorded at step "
+                       f"{record.step}, the reference has {len(expected.partition_updates)} slices")
+        for rank, (updates, reference_updates) in enumerate(zip(record.partition_updates, expected.partition_updates)):
+            if updates.keys() != reference_updates.keys():
+                return _fail(name, trace, record.step, f"rank {rank} recorded the updates of {sorted(updates)}, "
+                             f"the reference of {sorted(reference_updates)}")
+            moved, should = math.hypot(*updates.values()), math.hypot(*reference_updates.values())
+            if not relative(moved, should) <= rtol:
+                worst = max(reference_updates, key=lambda p: abs(updates[p] - reference_updates[p]))
+                return _fail(name, trace, record.step,
+                             f"rank {rank}'s slices of the fp32 master moved by {moved:.6g} (update norm over every "
+                             f"parameter), the reference's same slices by {should:.6g}: relative difference "
+                             f"{relative(moved, should):.3g} > {rtol:g} ({trace.spec.get('dtype')}); most off: {worst} "
+                             f"{updates[worst]:.6g} vs {reference_updates[worst]:.6g}. The ranks' checksums agree: "
+                             "every rank assembles the same master from the partitions, this one included")
+    return _pass(name, "ZeRO-3: every rank's partitions moved with the reference's same slices")
 
 
 @invariant("gathered_params_match")

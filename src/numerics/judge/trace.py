@@ -25,6 +25,10 @@ class StepRecord:
     update_norm: float | None = None  # ||params after - params before||
     param_norm: float | None = None
     param_checksums: list[str] = field(default_factory=list)  # one per rank, after the step
+    # ZeRO-3, one per rank: for each trainable parameter, the norm of this step's update of the rank's
+    # own slice of the fp32 master (what it alone holds). The reference records one per slice of the
+    # same layout (reference.partition_updates).
+    partition_updates: list[dict[str, float]] = field(default_factory=list)
     # ZeRO-3, one per rank: max |GatheredParameters view - fp32 master in the module dtype| after the step
     gathered_errors: list[float] = field(default_factory=list)
     oracle_loss: float | None = None  # the batch's mean surprisal under the true chain

@@ -331,7 +331,7 @@ class RankPool:
         return text
 
 
-PER_RANK_FIELDS = ("param_checksums", "gathered_errors")  # StepRecord lists that hold this rank's value only
+PER_RANK_FIELDS = ("param_checksums", "gathered_errors", "partition_updates")  # StepRecord lists that hold this rank's value only
 
 
 def merge_rank_traces(traces: list[Trace]) -> Trace:

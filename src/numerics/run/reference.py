@@ -9,6 +9,10 @@ records other samples (``meta["step_samples"]``: a Trainer's own random sampler
 deals the whole dataset): then the reference trains each step on exactly those
 samples, whose token mean is what a correct run computes whatever their order.
 
+A ZeRO-3 cell's ranks each hold one slice of every parameter; its reference records, per step,
+what each of the same slices of its own parameters moved by (`partition_updates`), for the
+replica check to compare each rank's slice with.
+
 A cell's ``ds_extra`` is part of its reference: the reference clips gradients and steps an lr
 schedule exactly as DeepSpeed would from the same keys, and any other key that can change the
 numbers still separates references, so two cells never share one they would not both compute.
@@ -16,6 +20,7 @@ numbers still separates references, so two cells never share one they would not 
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,11 +53,13 @@ class ReferenceKey:
     lora: bool
     step_samples: tuple[tuple[int, ...], ...] | None = None  # sample ids per step; None: the stream's own batches
     ds_extra: str = "{}"  # the cell's extra DeepSpeed keys that can change the numbers, as sorted JSON
+    partitions: int = 1  # the slices `partition_updates` cuts each parameter into: ZeRO-3's, one per rank
 
     @classmethod
     def of(cls, spec: RunSpec, step_samples: Sequence[Sequence[int]] | None = None) -> ReferenceKey:
         return cls(spec.model, spec.optimizer, spec.lr, spec.steps, spec.seed, spec.seq_len, spec.global_batch, spec.workload, spec.lora,
-                   _unless_stream_order(step_samples, spec.global_batch), _numeric_extra(spec.ds_extra))
+                   _unless_stream_order(step_samples, spec.global_batch), _numeric_extra(spec.ds_extra),
+                   spec.world_size if spec.zero_stage == 3 else 1)
 
 
 # DeepSpeed keys that only log or profile: a cell's ds_extra may set them and share the reference.
@@ -80,6 +87,19 @@ def _unless_stream_order(step_samples: Sequence[Sequence[int]] | None, size: int
         return None
     steps = tuple(tuple(sorted(ids)) for ids in step_samples)
     return None if all(ids == tuple(range(s * size, (s + 1) * size)) for s, ids in enumerate(steps)) else steps
+
+
+def partition_updates(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], partitions: int) -> list[dict[str, float]]:
+    """For each of ``partitions`` slices, the norm of every parameter's update there. ZeRO-3's
+    layout: slice r of a parameter of n elements is [r * ceil(n / W), (r + 1) * ceil(n / W)) of its
+    flattened tensor, the last one short (DeepSpeed pads it)."""
+    slices: list[dict[str, float]] = [{} for _ in range(partitions)]
+    for name, old in before.items():
+        update = (after[name].double() - old.double()).reshape(-1)
+        size = math.ceil(update.numel() / partitions)
+        for rank, updates in enumerate(slices):
+            updates[name] = norm([update[rank * size:(rank + 1) * size]])
+    return slices
 
 
 @contextmanager
@@ -145,6 +165,7 @@ def _reference(key: ReferenceKey) -> Trace:
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(trainable.values()), clip)
             before, lr = [p.detach().clone() for p in model.parameters()], optimizer.param_groups[0]["lr"]
+            pre_step = {n: p.detach().clone() for n, p in trainable.items()}
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -153,6 +174,7 @@ def _reference(key: ReferenceKey) -> Trace:
                 step=step, loss=loss.item(), grad_norm=norm(list(grads.values())),
                 lr=lr, update_norm=norm([a - b for a, b in zip(after, before)]), param_norm=norm(after),
                 param_checksums=[tensor_checksum(after)], oracle_loss=workload.oracle_loss(batch),
+                partition_updates=partition_updates(pre_step, {n: p.detach() for n, p in trainable.items()}, key.partitions),
                 supervised_tokens=workload.supervised_tokens(batch),
             ))
             if step == 0:

@@ -6,7 +6,8 @@ be checked against them: the gradient norm is computed from the full reduced
 gradients (``safe_get_full_grad``, gathered under ZeRO-3) divided by the loss
 scale the optimizer will divide by, the update norm from full parameters before
 and after the step, and the replica checksum from the parameters every rank
-holds after the step.
+holds after the step. Under ZeRO-3, where no rank holds the parameters whole, each
+rank also records what its own slice of the fp32 master moved by in the step.
 
 Full parameters are read only through DeepSpeed's public accessors
 (``versions.compat``), never with ``GatheredParameters`` in the middle of a step:
@@ -88,6 +89,16 @@ def full_params(engine: Any) -> list[torch.Tensor]:
     return [p.detach().float().cpu().clone() for p in trainable]
 
 
+def own_partitions(engine: Any) -> dict[str, torch.Tensor] | None:
+    """ZeRO-3: what this rank alone holds of each trainable parameter, its slice of the fp32 master
+    (not collective; see ``compat.own_fp32_partitions``). None below ZeRO-3, where every rank holds
+    every parameter whole and the replica checksum compares what it holds."""
+    if engine.zero_optimization_stage() != 3:
+        return None
+    named = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+    return dict(zip([name for name, _ in named], compat.own_fp32_partitions([p for _, p in named])))
+
+
 def gathered_view_error(engine: Any, masters: list[torch.Tensor]) -> float | None:
     """ZeRO-3: the largest difference, on this rank, between what ``GatheredParameters`` shows
     (what a forward pass, a user's logging or a 16-bit save sees) and the fp32 master cast to
@@ -132,10 +143,10 @@ def measure_step(engine: Any, spec: RunSpec, step: int, batch: dict[str, torch.T
     workload = get_workload(spec.workload)
     scale = loss_scale(engine)
     grads = {k: g / (scale or 1.0) for k, g in full_grads(engine).items()}
-    before = full_params(engine)
+    before, own_before = full_params(engine), own_partitions(engine)
     skipped_before = engine.skipped_steps
     do_step()
-    after = full_params(engine)
+    after, own_after = full_params(engine), own_partitions(engine)
     gathered_error = gathered_view_error(engine, after)
     record = StepRecord(
         step=step,
@@ -148,6 +159,8 @@ def measure_step(engine: Any, spec: RunSpec, step: int, batch: dict[str, torch.T
         update_norm=norm([a - b for a, b in zip(after, before)]),
         param_norm=norm(after),
         param_checksums=[tensor_checksum(after)],
+        partition_updates=[] if own_before is None else [
+            {name: norm([own_after[name].double() - part.double()]) for name, part in own_before.items()}],
         gathered_errors=[] if gathered_error is None else [gathered_error],
         oracle_loss=workload.oracle_loss(batch),
         supervised_tokens=workload.supervised_tokens(batch),

@@ -36,6 +36,22 @@ def full_fp32_params(params: list[Any]) -> list[Any]:
                                 "without gathering them mid-step"), "safe_get_full_fp32_param")
 
 
+def own_fp32_partitions(params: list[Any]) -> list[Any]:
+    """This rank's own slice of each ZeRO-3 trainable parameter's fp32 master, as its optimizer
+    holds it (``safe_get_local_fp32_param``; not collective), flattened, without the padding that
+    evens the partitions: rank r holds elements [r * size, (r + 1) * size) of the flattened
+    parameter, ``size`` the partition's length."""
+    import torch.distributed as dist
+    from deepspeed import utils
+
+    local = _required(utils, "safe_get_local_fp32_param", "a rank's own ZeRO-3 partition cannot be read")
+    rank, parts = dist.get_rank(), []
+    for param in params:
+        part = local(param).detach().reshape(-1)
+        parts.append(part[:max(0, min(part.numel(), param.ds_numel - rank * part.numel()))].float().cpu().clone())
+    return parts
+
+
 def full_grads(params: list[Any]) -> list[Any]:
     """The full, reduced gradients of ZeRO-3 trainable parameters (``safe_get_full_grad``), in one
     all-gather of the local partitions (``safe_get_local_grad``) where the release has it. Collective."""
