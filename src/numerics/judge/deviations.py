@@ -171,11 +171,13 @@ REPORTS_TRUE_NORM = Signature(
     "reported grad norm = 4096 (the loss scale) x the computed one at every step, to the cell's tolerance",
     lambda m, cell: near(m["ratio_min"] / LOSS_SCALE, 1.0, m["rtol"]) and near(m["ratio_max"] / LOSS_SCALE, 1.0, m["rtol"]),
     "measured |ratio / 4096 - 1| <= 9.2e-8 (tolerance 1e-4) with client optimizers, 1.2e-7 with SGD from the config (GA 4)")
+# The drift grows with the run: bounded per cell length (causal_mask_leak's clean twin runs 100 steps).
 ZERO0_BF16_DRIFT = Signature(
-    f"{LOSS_AFTER_STEP0}; a drift of at most 4.5 x the cell's loss tolerance",
-    lambda m, cell: m["step"] >= 1 and m["worst_rel"] <= 4.5 * m["rtol"],
+    f"{LOSS_AFTER_STEP0}; a drift of at most 4.5 x the cell's loss tolerance in cells of up to 16 steps, "
+    "16 x in longer ones",
+    lambda m, cell: m["step"] >= 1 and m["worst_rel"] <= (4.5 if cell["steps"] <= 16 else 16) * m["rtol"],
     "measured first diverging step 3-12; worst 2.27 x the tolerance (LoRA seed 2: 0.0136 vs 0.006; full "
-    "fine-tuning 1.83 x; 8-step resume cell 1.43 x)")
+    "fine-tuning 1.83 x; 8-step resume cell 1.43 x); 100 steps at lr 1e-2: 8.3 x (0.0249 vs 0.003)")
 
 TODAY: list[Deviation] = [
     *(Deviation({"zero_stage": 0, "dtype": "fp16", "fault": None}, name, DS_019, ZERO0_FP16, signature=signature)
