@@ -19,7 +19,7 @@ from numerics.run.launcher import free_port
 pytestmark = pytest.mark.multigpu
 
 PATTERN = "zero3-fp32-ws4"  # the stage that partitions most; one cell keeps the test short
-SMALL = "zero3-fp32-ws2"  # two nodes of one rank: where only the lost node matters, half the processes
+SMALL = "zero3-fp32-ws2-overfit"  # two nodes of one rank where only the lost node matters; 60 steps: still stepping when it is lost
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--master-addr", "127.0.0.1"]
 
 
@@ -83,7 +83,9 @@ def test_a_node_that_dies_mid_run_fails_its_cell_and_the_report_is_written(tmp_p
     assert results.exists(), f"no report {time.monotonic() - killed:.0f}s after node 1 died:\n{output[-3000:]}"
     cells = json.loads(results.read_text())["cells"]
     assert [c["status"] for c in cells] == ["fail"], output[-3000:]
-    assert f"{SMALL}: the launcher's ranks sent no result within 30s" in output, output[-3000:]
+    # gloo ends rank 0's collective at once when its one peer's connection closes (two ranks per
+    # node: the local peer keeps it waiting, and the watchdog ends the cell at its timeout).
+    assert f"{SMALL}: the launcher's ranks sent no result" in output, output[-3000:]
 
 
 def test_the_deepspeed_launcher_starts_ranks_that_run_cells(tmp_path):

@@ -61,7 +61,15 @@ def serve(specs: list[RunSpec], rank: int, world_size: int, meta: dict[str, Any]
         with Watchdog(spec, timeout_s or spec.timeout_s, rank, results, report, write):
             reply = reply_for(spec, rank, meta)
             replies: list[Any] = [None] * world_size if rank == 0 else []
-            dist.gather_object(reply, replies if rank == 0 else None, dst=0)
+            try:
+                dist.gather_object(reply, replies if rank == 0 else None, dst=0)
+            except RuntimeError as lost:  # gloo ends a collective at once when a peer's connection closes
+                if rank != 0:
+                    raise
+                results.append(evaluate(outcome_of(spec, {0: reply}, world_size, time.monotonic() - started)))
+                print(f"{spec.cell_id}: the launcher's ranks sent no result: {str(lost).splitlines()[0]}",
+                      file=sys.stderr, flush=True)
+                return results  # the process group is broken: no later cell can run
         if rank == 0:
             result = evaluate(outcome_of(spec, dict(enumerate(replies)), world_size, time.monotonic() - started))
             results.append(result)
