@@ -1,7 +1,7 @@
-"""Ranks started by torchrun as two simulated nodes (``--nnodes 2 --nproc-per-node 2`` on
-localhost, gloo) run world-size-4 cells that match the same cells through our own pool,
-verdict for verdict and bit for bit in fp32; a node that never joins, or dies mid-run, ends
-the run in time with the reason."""
+"""Ranks started by torchrun as two simulated nodes (``--nnodes 2 --nproc-per-node 1`` on
+localhost, gloo) run cells that match the same cells through our own pool, verdict for
+verdict and bit for bit in fp32; a node that never joins, or dies mid-run, ends the run in
+time with the reason; the DeepSpeed launcher's ranks run cells too."""
 import json
 import os
 import signal
@@ -18,15 +18,18 @@ from numerics.run.launcher import free_port
 
 pytestmark = pytest.mark.multigpu
 
-PATTERN = "zero3-fp32-ws4"  # the stage that partitions most; one cell keeps the test short
-SMALL = "zero3-fp32-ws2-overfit"  # two nodes of one rank where only the lost node matters; 60 steps: still stepping when it is lost
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--master-addr", "127.0.0.1"]
+# One rank per node: two ranks on the 2-core baseline, and a rank's peer is always on the other
+# node (its RANK and LOCAL_RANK differ), which is what crossing nodes changes.
+PATTERN = "zero3-fp32-ws2"  # the stage that partitions most; one cell keeps the test short (and the matrix runs it)
+SMALL = "zero3-fp32-ws2-overfit"  # 60 steps: still stepping when a node is lost
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--master-addr", "127.0.0.1"]
 
 
 def node(rank: int, port: int, report: Path, join_timeout_s: int = 120, timeout_s: int = 120,
-         ranks: int = 2, cells: str = PATTERN) -> subprocess.Popen:
-    """One simulated node: a torchrun agent and its ``ranks`` ranks."""
-    return subprocess.Popen([*TORCHRUN, "--nproc-per-node", str(ranks), "--node-rank", str(rank), "--master-port",
+         cells: str = PATTERN) -> subprocess.Popen:
+    """One simulated node: a torchrun agent and its rank."""
+    return subprocess.Popen([*TORCHRUN, "--node-rank", str(rank), "--master-port",
                              str(port), "--rdzv-conf", f"timeout={join_timeout_s}", "-m", "numerics.show.cli", "launched",
                              "--cells", cells, "--report", str(report), "--timeout-s", str(timeout_s)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -45,7 +48,7 @@ def test_torchrun_two_nodes_match_the_pool_bit_for_bit(run_cell, tmp_path):
     specs = [spec for spec in cells() if spec.cell_id in launched]
     assert len(specs) == 1, sorted(launched)
     for spec in specs:
-        pool = run_cell(spec)
+        pool = run_cell(spec, reuse=True)
         record = launched[spec.cell_id]
         assert record["status"] == pool.status == "pass", record["verdicts"]
         assert [v["status"] for v in record["verdicts"]] == [v.status for v in pool.verdicts]
@@ -54,19 +57,19 @@ def test_torchrun_two_nodes_match_the_pool_bit_for_bit(run_cell, tmp_path):
 
 def test_a_node_that_never_joins_ends_the_run_with_the_reason(tmp_path):
     started = time.monotonic()
-    lonely = node(0, free_port(), tmp_path / "launched", join_timeout_s=10, ranks=1, cells=SMALL)  # node 1 never comes
+    lonely = node(0, free_port(), tmp_path / "launched", join_timeout_s=10, cells=SMALL)  # node 1 never comes
     output = lonely.communicate(timeout=120)[0]
     assert lonely.returncode != 0 and time.monotonic() - started < 60
     assert "1/2 clients joined" in output, output[-3000:]
 
 
 def test_a_node_that_dies_mid_run_fails_its_cell_and_the_report_is_written(tmp_path):
-    """Node 1 (its agent and ranks) is killed once training started: node 0's ranks wait for it
+    """Node 1 (its agent and rank) is killed once training started: node 0's rank waits for it
     no longer than the cell's timeout, and rank 0 writes the report with the cell failed. (Node 0's
     torchrun agent then waits at its exit barrier for the dead agent, up to torch's 300 s.)"""
     port = free_port()
-    survivor = node(0, port, tmp_path / "launched", timeout_s=30, ranks=1, cells=SMALL)
-    lost = node(1, port, tmp_path / "launched", timeout_s=30, ranks=1, cells=SMALL)
+    survivor = node(0, port, tmp_path / "launched", timeout_s=30, cells=SMALL)
+    lost = node(1, port, tmp_path / "launched", timeout_s=30, cells=SMALL)
     for line in survivor.stdout:
         if "running " + SMALL in line:
             break

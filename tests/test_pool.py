@@ -1,6 +1,6 @@
 """The rank pool: cells after a fault or a failure run as in a fresh spawn, bit for bit;
 a hung cell fails within its timeout with every rank's stacks, a killed rank within seconds;
-fp32 is reproducible; a closed pool leaves no process behind."""
+fp32 is reproducible; a closed pool leaves no process or file behind."""
 import pytest
 from conftest import PROBE, children
 
@@ -51,16 +51,22 @@ def test_killed_rank_fails_its_cell_at_once_naming_the_signal(run_cell):
     assert run_cell(PROBE).status == "pass"
 
 
-def test_a_closed_pool_leaves_no_process_behind():
+def test_a_closed_pool_leaves_no_process_or_file_behind():
+    """Nor DeepSpeed's 66 MB shared-memory workspace per rank (RAM, in /dev/shm), nor the stacks' directory."""
     from multiprocessing import resource_tracker
 
+    from numerics.run.platform import SHARED_MEMORY
+
     resource_tracker.ensure_running()  # multiprocessing's own helper: one per parent, for its lifetime, by design
-    before = children()
+    before, segments = children(), set(SHARED_MEMORY.glob("deepspeed_*"))
     with RankPool(PROBE.world_size) as pool:
         assert pool.run(PROBE).ok
         assert set(children()) - set(before), "the pool's ranks run as children of this process"
+        stack_dir = pool._stack_dir
     left = {pid: what for pid, what in children().items() if pid not in before}
     assert not left, f"still running after the pool closed: {left}"
+    assert not set(SHARED_MEMORY.glob("deepspeed_*")) - segments, "shared-memory segments left in /dev/shm"
+    assert not stack_dir.exists(), f"{stack_dir} left behind"
 
 
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "hung_in_a_cell"])

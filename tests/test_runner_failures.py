@@ -156,14 +156,8 @@ def taken_port():
         yield sock.getsockname()[1]
 
 
-@pytest.fixture
-def quick_grace(monkeypatch):
-    """Rank 1 waits in the rendezvous for a rank 0 that could not bind: 2 s show that as well as 10."""
-    monkeypatch.setattr("numerics.run.launcher.ERROR_GRACE_S", 2.0)
-
-
 @pytest.mark.multigpu
-def test_a_taken_port_is_retried_on_a_fresh_one(taken_port, quick_grace, monkeypatch):
+def test_a_taken_port_is_retried_on_a_fresh_one(taken_port, monkeypatch):
     real_free_port, handed = launcher.free_port, []
 
     def free_port() -> int:
@@ -179,7 +173,7 @@ def test_a_taken_port_is_retried_on_a_fresh_one(taken_port, quick_grace, monkeyp
 
 
 @pytest.mark.multigpu
-def test_a_pool_that_cannot_start_fails_its_cell_and_the_next_cell_starts_it(taken_port, quick_grace, monkeypatch):
+def test_a_pool_that_cannot_start_fails_its_cell_and_the_next_cell_starts_it(taken_port, monkeypatch):
     with PoolSet() as pools:
         with monkeypatch.context() as patch:
             patch.setattr("numerics.run.launcher.free_port", lambda: taken_port)

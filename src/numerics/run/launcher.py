@@ -17,6 +17,7 @@ import faulthandler
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
 import socket
 import tempfile
@@ -30,7 +31,7 @@ from typing import Any
 from numerics.cell.spec import RunSpec
 from numerics.judge.trace import Trace
 
-ERROR_GRACE_S = 10.0  # after one rank fails, how long the others get to report before they are stopped
+ERROR_GRACE_S = 3.0  # after one rank fails, how long the others get to report before they are stopped
 START_TIMEOUT_S = 300.0  # importing DeepSpeed and building its CPU comm op on a cold machine
 STACK_DUMP_WAIT_S = 1.0
 QUEUE_POLL_S = 1.0  # how often the parent, waiting for replies, checks that every rank still lives
@@ -146,7 +147,7 @@ def start_rank(world_size: int, device: int, backend: str,
     torch.set_num_threads(1)  # 2 cores, and bit-reproducibility depends on the thread count
     import deepspeed
 
-    from numerics.run.platform import lift_cpu_fp16_check, quiet_libraries, run_metadata
+    from numerics.run.platform import lift_cpu_fp16_check, quiet_libraries, release_shm_workspace, run_metadata
 
     quiet_libraries()
     lifted = lift_cpu_fp16_check()
@@ -157,6 +158,8 @@ def start_rank(world_size: int, device: int, backend: str,
     if backend == "nccl":
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    if backend == "gloo":
+        release_shm_workspace()
     return run_metadata(backend, world_size, lifted)
 
 
@@ -219,6 +222,7 @@ class RankPool:
     def _start_once(self) -> None:
         port = free_port()
         self.generation += 1
+        self._stack_dir.mkdir(exist_ok=True)  # a closed pool that runs again
         self._results = self._context.Queue()
         self._tasks = [self._context.Queue() for _ in range(self.world_size)]
         self._processes = []
@@ -244,14 +248,14 @@ class RankPool:
             raise PoolStartError(f"port {port}:\n" + "\n".join(parts) + stacks)
 
     def close(self) -> None:
-        if not self._processes:
-            return
-        for tasks in self._tasks:
-            tasks.put(None)
-        deadline = time.monotonic() + 10
-        for process in self._processes:
-            process.join(max(0.1, deadline - time.monotonic()))
-        self._stop(dump_stacks=False)
+        if self._processes:
+            for tasks in self._tasks:
+                tasks.put(None)
+            deadline = time.monotonic() + 10
+            for process in self._processes:
+                process.join(max(0.1, deadline - time.monotonic()))
+            self._stop(dump_stacks=False)
+        shutil.rmtree(self._stack_dir, ignore_errors=True)
 
     def __enter__(self) -> RankPool:
         return self
