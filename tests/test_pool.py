@@ -1,8 +1,10 @@
 """The rank pool: cells after a fault or a failure run as in a fresh spawn, bit for bit;
 a hung cell fails within its timeout with every rank's stacks, a killed rank within seconds;
 fp32 is reproducible; a closed pool leaves no process or file behind."""
+import os
+
 import pytest
-from conftest import PROBE, children
+from conftest import PROBE, descendants
 
 from numerics.run.launcher import RankPool
 
@@ -53,17 +55,20 @@ def test_killed_rank_fails_its_cell_at_once_naming_the_signal(run_cell):
 
 def test_a_closed_pool_leaves_no_process_or_file_behind():
     """Nor DeepSpeed's 66 MB shared-memory workspace per rank (RAM, in /dev/shm), nor the stacks' directory."""
-    from multiprocessing import resource_tracker
+    from multiprocessing import forkserver, resource_tracker
 
     from numerics.run.platform import SHARED_MEMORY
 
-    resource_tracker.ensure_running()  # multiprocessing's own helper: one per parent, for its lifetime, by design
-    before, segments = children(), set(SHARED_MEMORY.glob("deepspeed_*"))
-    with RankPool(PROBE.world_size) as pool:
+    pool = RankPool(PROBE.world_size)
+    # multiprocessing's own helpers: one each per parent process, for its lifetime, by design
+    resource_tracker.ensure_running()
+    forkserver.ensure_running()  # the ranks' parent
+    before, segments = descendants(os.getpid()), set(SHARED_MEMORY.glob("deepspeed_*"))
+    with pool:
         assert pool.run(PROBE).ok
-        assert set(children()) - set(before), "the pool's ranks run as children of this process"
+        assert descendants(os.getpid()) - before, "the pool's ranks run under this process"
         stack_dir = pool._stack_dir
-    left = {pid: what for pid, what in children().items() if pid not in before}
+    left = descendants(os.getpid()) - before
     assert not left, f"still running after the pool closed: {left}"
     assert not set(SHARED_MEMORY.glob("deepspeed_*")) - segments, "shared-memory segments left in /dev/shm"
     assert not stack_dir.exists(), f"{stack_dir} left behind"
@@ -73,7 +78,6 @@ def test_a_closed_pool_leaves_no_process_or_file_behind():
 def test_ranks_exit_when_the_parent_is_killed(busy):
     """A parent killed with SIGKILL cannot tell its ranks to stop: they notice and exit, idle
     or hung mid-cell (``rank_hangs`` stops one rank inside a collective)."""
-    import os
     import signal
     import subprocess
     import sys
@@ -87,7 +91,7 @@ def test_ranks_exit_when_the_parent_is_killed(busy):
     line = next(line for line in parent.stdout if line.startswith("ranks:"))  # DeepSpeed prints too
     ranks = [int(pid) for pid in line.split()[1:]]
     assert len(ranks) == 2, ranks
-    time.sleep(10 if busy else 0)  # well into the cell: built, stepping, one rank hung
+    time.sleep(4 if busy else 0)  # well into the cell: built, stepping, one rank hung
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 30

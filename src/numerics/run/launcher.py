@@ -1,6 +1,6 @@
 """`RankPool`: a persistent group of ranks that runs cell after cell.
 
-Importing DeepSpeed and starting a process group cost ~10 s per spawn, far more
+Starting ranks (imports, DeepSpeed's CPU ops, the process group) costs seconds, far more
 than a tiny cell trains, so the ranks stay up and take cells from a queue. A
 cell that raises returns every rank's traceback; a rank that dies (killed, or
 exits) is noticed within seconds and named with how it ended; a cell that hangs
@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import traceback
+from multiprocessing.connection import Connection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,6 @@ DEATH_DRAIN_S = 1.0
 # A start that fails is retried once on a fresh port: the port `free_port` picked may have been
 # taken by another program before rank 0 bound it.
 START_ATTEMPTS = 2
-PARENT_POLL_S = 5.0  # how often a rank checks that its parent is still there
 
 
 @dataclass
@@ -118,12 +118,14 @@ def outcome_of(spec: RunSpec, replies: dict[int, tuple[str, Any]], world_size: i
 
 
 def _rank_main(rank: int, world_size: int, port: int, backend: str, device_offset: int,
-               tasks: Any, results: Any, stack_file: str) -> None:
-    """Body of one rank: start the process group once, then run cells until told to stop."""
+               tasks: Any, results: Any, stack_file: str, environment: dict[str, str], lifeline: Any) -> None:
+    """Body of one rank: start the process group once, then run cells until told to stop.
+    ``environment`` is the owner's at the pool's start: the fork server's dates from its own."""
     from numerics.run.platform import rank_environment
 
-    exit_with_parent(os.getppid())
-    os.environ.update(rank_environment(rank, world_size, port, backend))
+    exit_with_owner(lifeline)
+    os.environ.clear()
+    os.environ.update(environment | rank_environment(rank, world_size, port, backend))
     stacks = open(stack_file, "w")  # noqa: SIM115 - lives as long as the process
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
@@ -177,17 +179,32 @@ def reply_for(spec: RunSpec, rank: int, meta: dict[str, Any]) -> tuple[str, Any]
         return "error", traceback.format_exc()
 
 
-def exit_with_parent(parent: int) -> None:
-    """Exit this rank once its parent is gone. A parent killed with SIGKILL cannot tell its
-    ranks to stop, and a rank may be anywhere then: idle, hung in a collective, waiting on
-    a JIT build's lock. A daemon thread notices wherever the main thread is."""
+def rank_context() -> Any:
+    """Ranks are forks of a server that imported `numerics.run.preload` (multiprocessing's
+    "forkserver": one per parent process, started with its first pool): a pool starts in
+    ~1 s of imports instead of ~5, and nothing is forked from a parent that may hold threads."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["numerics.run.preload"])
+    return context
+
+
+def exit_with_owner(lifeline: Connection) -> None:
+    """Exit this rank once the process that owns its pool is gone. An owner killed with SIGKILL
+    cannot tell its ranks to stop, and a rank may be anywhere then: idle, hung in a collective,
+    waiting on a JIT build's lock. A daemon thread notices wherever the main thread is.
+
+    ``lifeline`` is the read end of a pipe whose write end only the owner holds: it reads
+    end-of-file when the owner ends, however it ends. (The rank's parent is the fork server,
+    which every rank keeps alive, so a change of parent would never come.)"""
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
+        try:
+            lifeline.recv()  # nothing is ever sent
+        except (EOFError, OSError):
+            pass
         os._exit(1)
 
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()
 
 
 class RankPool:
@@ -199,10 +216,11 @@ class RankPool:
         self.world_size = world_size
         self.backend = backend or choose_backend(world_size)
         self.device_offset = device_offset  # first GPU of this pool: pytest-xdist workers get disjoint GPUs
-        self._context = mp.get_context("spawn")
+        self._context = rank_context()
         self._processes: list[Any] = []
         self._tasks: list[Any] = []
         self._results: Any = None
+        self._lifeline: Connection | None = None  # its end-of-file tells the ranks this process is gone
         self._stack_dir = Path(tempfile.mkdtemp(prefix="numerics-stacks-"))
         self._counter = 0
         self.generation = 0  # how many times the ranks were (re)started
@@ -226,17 +244,19 @@ class RankPool:
         self._results = self._context.Queue()
         self._tasks = [self._context.Queue() for _ in range(self.world_size)]
         self._processes = []
+        lifeline, self._lifeline = self._context.Pipe(duplex=False)
         for rank in range(self.world_size):
             stack_file = str(self._stack_dir / f"gen{self.generation}-rank{rank}.txt")
             process = self._context.Process(
                 target=_rank_main,
                 args=(rank, self.world_size, port, self.backend, self.device_offset,
-                      self._tasks[rank], self._results, stack_file),
+                      self._tasks[rank], self._results, stack_file, dict(os.environ), lifeline),
                 daemon=True,
                 name=f"numerics-rank{rank}",
             )
             process.start()
             self._processes.append(process)
+        lifeline.close()  # the ranks hold the read end; the owner only the write end
         started = time.monotonic()
         # A rank that fails to start (rank 0 cannot bind the port) leaves the others waiting for it
         # in the rendezvous: they get the grace, not the whole start timeout.
@@ -331,7 +351,9 @@ class RankPool:
             if q is not None:
                 q.cancel_join_thread()
                 q.close()
-        self._processes, self._tasks, self._results = [], [], None
+        if self._lifeline is not None:
+            self._lifeline.close()
+        self._processes, self._tasks, self._results, self._lifeline = [], [], None, None
         return text
 
 
