@@ -41,6 +41,14 @@ def build_cpu_ops() -> dict[str, float]:
     return {name: load_cpu_op(name) for name in CPU_OPS}
 
 
+def main() -> int:
+    """``numerics prepare``; also ``python -m numerics.run.prepare`` with ``src`` on the path, which
+    needs only torch and DeepSpeed: ci/setup.sh builds the ops while the rest installs."""
+    for name, seconds in build_cpu_ops().items():
+        print(f"{name}: ready in {seconds:.1f}s", flush=True)
+    return 0
+
+
 def remember_cpu_info() -> None:
     """Answer py-cpuinfo's ``get_cpu_info`` from a file kept beside the ops.
 
@@ -99,3 +107,7 @@ def sole_builder(op: str) -> Iterator[None]:
             print(f"removing {stale}: left by a build that did not finish", flush=True)
             stale.unlink()
         yield
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

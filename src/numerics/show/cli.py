@@ -236,11 +236,9 @@ def cmd_bisect(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from numerics.run.prepare import build_cpu_ops
+    from numerics.run.prepare import main
 
-    for name, seconds in build_cpu_ops().items():
-        print(f"{name}: ready in {seconds:.1f}s")
-    return 0
+    return main()
 
 
 def cmd_golden(args: argparse.Namespace) -> int:
