@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh || exit 1
-# The matrix test at cover "pairs" (107 cells): the tests prove the suite works in ~10 minutes; the
+# The matrix test at cover "pairs" (107 cells): the tests prove the suite works in ~14 minutes; the
 # default matrix (cover "triples", 193 cells) is the main job, bash ci/matrix.sh. A later
 # --numerics-cover or --numerics-full in "$@" wins.
 .venv/bin/python -m pytest -q --numerics-report reports/tests --numerics-cover pairs "$@"

@@ -1,5 +1,8 @@
-"""Building DeepSpeed's CPU ops: a build killed midway must not leave every later load waiting."""
-from numerics.run.prepare import sole_builder
+"""Building DeepSpeed's CPU ops: a build killed midway must not leave every later load waiting,
+and the processor is described once, not twice per op in every rank."""
+import cpuinfo
+
+from numerics.run.prepare import remember_cpu_info, sole_builder
 
 
 def test_a_dead_builds_torch_lock_is_cleared(tmp_path, monkeypatch):
@@ -10,3 +13,19 @@ def test_a_dead_builds_torch_lock_is_cleared(tmp_path, monkeypatch):
     (build_dir / "lock").touch()  # what torch's FileBaton leaves when its holder is killed
     with sole_builder("fused_adam"):
         assert not (build_dir / "lock").exists()
+
+
+def test_the_processor_is_described_once_and_read_back_after(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    asked = []
+
+    def described() -> dict:  # py-cpuinfo's answer, which costs a subprocess (1.2 s) per call
+        asked.append(1)
+        return {"arch": "X86_64", "flags": ["avx2", "fma"]}
+
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", described)
+    remember_cpu_info()
+    assert cpuinfo.get_cpu_info() == cpuinfo.get_cpu_info() == described() and len(asked) == 2
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", described)  # the next rank: a fresh module, the same file
+    remember_cpu_info()
+    assert cpuinfo.get_cpu_info()["flags"] == ["avx2", "fma"] and len(asked) == 2, "the next rank asked py-cpuinfo again"

@@ -61,7 +61,8 @@ def remember_cpu_info() -> None:
     import cpuinfo
     from torch.utils.cpp_extension import get_default_build_root
 
-    path = Path(get_default_build_root()) / f"cpuinfo-{processor_key()}.json"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # where torch puts the ops
+    path = Path(root) / f"cpuinfo-{processor_key()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         info = json.loads(path.read_text())
