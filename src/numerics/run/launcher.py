@@ -179,10 +179,14 @@ def reply_for(spec: RunSpec, rank: int, meta: dict[str, Any]) -> tuple[str, Any]
         return "error", traceback.format_exc()
 
 
-def rank_context() -> Any:
-    """Ranks are forks of a server that imported `numerics.run.preload` (multiprocessing's
-    "forkserver": one per parent process, started with its first pool): a pool starts in
-    ~1 s of imports instead of ~5, and nothing is forked from a parent that may hold threads."""
+def rank_context(backend: str) -> Any:
+    """Gloo ranks are forks of a server that imported `numerics.run.preload` (multiprocessing's
+    "forkserver": one per parent process, started with its first pool): a pool starts in ~1 s
+    of imports instead of ~5, and nothing is forked from a parent that may hold threads. NCCL
+    ranks are spawned fresh: a CUDA driver that any import initialised in the server would be
+    unusable in its forks."""
+    if backend == "nccl":
+        return mp.get_context("spawn")
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["numerics.run.preload"])
     return context
@@ -216,7 +220,7 @@ class RankPool:
         self.world_size = world_size
         self.backend = backend or choose_backend(world_size)
         self.device_offset = device_offset  # first GPU of this pool: pytest-xdist workers get disjoint GPUs
-        self._context = rank_context()
+        self._context = rank_context(self.backend)
         self._processes: list[Any] = []
         self._tasks: list[Any] = []
         self._results: Any = None
