@@ -34,7 +34,7 @@ MEASURES = {  # measure -> the Tolerance field it bounds
     "step-0 scale": "step0_scale_rtol", "reported norm": "grad_norm_agree_rtol",
     "ZeRO-3 slice update": "partition_update_rtol",
 }
-FAMILIES = ("comm", "accum", "ws4", "default_buckets", "lora")  # engine cells with a parity reference
+FAMILIES = ("comm", "accum", "ws4", "default_buckets", "lora", "trainer")  # cells with a parity reference
 
 
 def spread(result: CellResult) -> dict[str, float]:

@@ -190,3 +190,23 @@ def test_gathered_params_match_fails_on_nan():
     trace = make_trace()
     trace.steps[2].gathered_errors = [math.nan, 0.0]
     assert verdict("gathered_params_match", trace).status == "fail"
+
+
+# A loss that falls 4.1 -> 0.004 (an overfit cell run long), and a reference it differs from by the
+# absolute rounding measured there (<= 4.3e-7, thresholds.near_zero_fraction): 1e-4 relative at the
+# end, over both fp32 bounds, yet rounding. A 1 % error at the last step is no rounding.
+FALLING = [4.1 * 0.63 ** i for i in range(STEPS)]
+
+
+@pytest.mark.parametrize("name, field", [("parity_loss", "losses"), ("parity_grad_norm", "grad_norms")])
+@pytest.mark.parametrize("moved, status", [
+    (lambda i, x: x + 4e-7, "pass"),
+    (lambda i, x: x * (1.01 if i == STEPS - 1 else 1.0), "fail"),
+])
+def test_values_near_zero_are_compared_at_their_rounding_not_their_size(name, field, moved, status):
+    values = [moved(i, x) for i, x in enumerate(FALLING)]
+    assert abs(values[-1] - FALLING[-1]) / FALLING[-1] > TOLERANCES["fp32"].grad_rtol  # beyond the relative bound alone
+    result = verdict(name, make_trace(**{field: values}), make_trace(**{field: FALLING}))
+    assert result.status == status, result.message
+    if status == "fail":
+        assert result.step == STEPS - 1 and "absolute" in result.message, result.message

@@ -3,7 +3,7 @@
 A golden is one small JSON per cell id: the trace's steps (loss, grad norms, loss scale),
 its spec, the versions the ranks ran and the hardware class (CPU/gloo or the GPU model on
 NCCL), so a trace that moved says against what. Comparison uses the cell's dtype
-tolerance (`thresholds.tolerance`), the one parity uses, and names the first step and
+tolerance (`thresholds.tolerance`) with parity's near-zero floor, as parity does, and names the first step and
 metric that moved, and how far the furthest step went. The same comparison tells a
 version matrix combination that moved against its baseline (`versions/combinations.py`).
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from numerics.judge.invariants import Verdict, relative
+from numerics.judge.invariants import Verdict, close, near_zero_atol, relative
 from numerics.judge.thresholds import tolerance
 from numerics.judge.trace import Trace
 
@@ -58,7 +58,9 @@ def compare(trace: Trace, expected: Trace) -> Moved | None:
     for metric, field in COMPARED.items():
         rtol = getattr(bounds, field)
         gaps = [(step, *_gap(trace, expected, metric, step)) for step in range(max(len(trace.steps), len(expected.steps)))]
-        moved = [(step, value, golden, rel) for step, value, golden, rel in gaps if not rel <= rtol]
+        atol = near_zero_atol(rtol, next((golden for _, _, golden, _ in gaps if golden is not None), None))
+        moved = [(step, value, golden, rel) for step, value, golden, rel in gaps
+                 if not (rel <= rtol or (value is not None and golden is not None and close(value, golden, rtol, atol)))]
         if moved and (first is None or moved[0][0] < first.step):
             step, value, golden, rel = moved[0]
             largest = max(rel for *_, rel in moved if not math.isnan(rel)) if any(not math.isnan(m[3]) for m in moved) else rel

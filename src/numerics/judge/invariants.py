@@ -90,6 +90,18 @@ def relative(value: float, reference: float) -> float:
     return abs(value - reference) / max(abs(reference), 1e-30)
 
 
+def near_zero_atol(rtol: float, first: float | None) -> float:
+    """The absolute term of a per-step comparison: ``rtol`` at a tenth of where the figure
+    started (``THRESHOLDS.near_zero_fraction``), so a loss or norm that falls towards 0 is
+    compared at the precision of its rounding, not of its shrinking self."""
+    return rtol * THRESHOLDS.near_zero_fraction * abs(first or 0.0)
+
+
+def close(value: float, expected: float, rtol: float, atol: float) -> bool:
+    """``torch.testing.assert_close``'s rule: ``|value - expected| <= atol + rtol * |expected|``."""
+    return abs(value - expected) <= atol + rtol * abs(expected)
+
+
 @invariant("finite")
 def assert_finite(trace: Trace, reference: Trace | None) -> Verdict:
     """Loss every step, grad and parameter norms every applied step, are finite."""
@@ -187,15 +199,16 @@ def _parity(trace: Trace, reference: Trace | None, name: str, field: str, rtol: 
         return _na(name, "no reference trace")
     steps = aligned(trace, reference)
     pairs = [(getattr(record, field), getattr(ref, field)) for record, ref in steps]
+    atol = near_zero_atol(rtol, pairs[0][1] if pairs else None)
     for (record, _), (value, expected) in zip(steps, pairs):
         if value is None or expected is None:
             return _na(name, f"{field} not recorded at step {record.step}")
-        if not relative(value, expected) <= rtol:
+        if not close(value, expected, rtol, atol):
             return _fail(name, trace, record.step,
                          f"{field} {value:.6g} vs reference {expected:.6g}: relative difference "
-                         f"{relative(value, expected):.3g} > {rtol:g} ({trace.spec.get('dtype')}); "
+                         f"{relative(value, expected):.3g} > {rtol:g} ({trace.spec.get('dtype')}) + {atol:.3g} absolute; "
                          "this is the first diverging step",
-                         ratio=value / expected if expected else math.inf, rtol=rtol, **ratios(pairs))
+                         ratio=value / expected if expected else math.inf, rtol=rtol, atol=atol, **ratios(pairs))
     return _pass(name)
 
 
@@ -267,14 +280,15 @@ def assert_grad_norm_agrees(trace: Trace, reference: Trace | None) -> Verdict:
     rtol = _tolerance(trace).grad_norm_agree_rtol
     applied = _applied(trace)
     pairs = [(r.grad_norm_reported, r.grad_norm) for r in applied]
+    atol = near_zero_atol(rtol, next((computed for _, computed in pairs if computed is not None), None))
     for record, (reported, computed) in zip(applied, pairs):
         if reported is None or computed is None:
             continue
-        if not relative(reported, computed) <= rtol:
+        if not close(reported, computed, rtol, atol):
             return _fail("grad_norm_agrees", trace, record.step,
                          f"engine reports grad norm {reported:.6g}, computed {computed:.6g} "
-                         f"(relative difference {relative(reported, computed):.3g} > {rtol:g})",
-                         ratio=reported / computed if computed else math.inf, rtol=rtol, **ratios(pairs))
+                         f"(relative difference {relative(reported, computed):.3g} > {rtol:g} + {atol:.3g} absolute)",
+                         ratio=reported / computed if computed else math.inf, rtol=rtol, atol=atol, **ratios(pairs))
     if not any(reported is not None and computed is not None for reported, computed in pairs):
         return _na("grad_norm_agrees", "the engine reported no grad norm")
     return _pass("grad_norm_agrees")
@@ -541,7 +555,7 @@ def assert_logged_matches(trace: Trace, reference: Trace | None) -> Verdict:
                 return _fail("logged_matches", trace, record.step,
                              f"the Trainer logged no {figure} (measured {measured:.6g}), and the cell does not declare why")
             rtol, value = rtol_of(tol), logged[figure]
-            if not abs(value - measured) <= rtol * abs(measured) + atol:
+            if not close(value, measured, rtol, atol):
                 return _fail("logged_matches", trace, record.step,
                              f"the Trainer logged {figure} {value:.6g}, measured {measured:.6g}: relative difference "
                              f"{relative(value, measured):.3g} > {rtol:g} ({trace.spec.get('dtype')}) + {atol:g} absolute; "

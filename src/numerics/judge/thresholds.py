@@ -35,10 +35,11 @@ TOLERANCES: dict[str, Tolerance] = {
         "gradient <= 2.9e-7, reported norm <= 7.3e-8; ~30x headroom",
     ),
     "fp16": Tolerance(
-        loss_rtol=2.5e-4, grad_rtol=4e-3, step0_grad_rtol=6e-3, step0_scale_rtol=3e-4, grad_norm_agree_rtol=1e-4, logits_rtol=4e-3,
+        loss_rtol=2.5e-4, grad_rtol=1.6e-2, step0_grad_rtol=6e-3, step0_scale_rtol=3e-4, grad_norm_agree_rtol=1e-4, logits_rtol=4e-3,
         partition_update_rtol=1e-2,
         reason="11 mantissa bits (eps 9.8e-4), as compute or communication dtype: measured loss "
-        "<= 5.1e-5, grad norm <= 9e-4, step-0 gradient <= 1.4e-3, reported norm <= 1e-7; ~4x",
+        "<= 5.1e-5, step-0 gradient <= 1.4e-3, reported norm <= 1e-7 (~4x); grad norm <= 7.9e-3 (2x; "
+        "below the table)",
     ),
     "bf16": Tolerance(
         loss_rtol=3e-3, grad_rtol=8e-2, step0_grad_rtol=4e-2, step0_scale_rtol=2.5e-3, grad_norm_agree_rtol=1e-4, logits_rtol=3e-2,
@@ -48,6 +49,15 @@ TOLERANCES: dict[str, Tolerance] = {
     ),
 }
 
+
+# fp16 grad_rtol: over 16 AdamW steps a rounding difference grows (Adam divides by small second
+# moments), and in a heavy tail. Measured 2026-12-01 (deepspeed 0.19.8, transformers 5.24), the
+# largest per-step grad-norm difference of 30 clean runs, seeds 0-4 x {ZeRO-1 GA 1, 2, 4 Trainer,
+# ZeRO-2 GA 4 Trainer, ZeRO-1 GA 4 engine and Trainer with its own loss}: 3e-4 to 2.4e-3, and 7.9e-3
+# at zero1-fp16-ws2-ga4-trainer seed 0 (from 1.2e-3 at step 1 to 7.9e-3 at step 7; 7e-4 with
+# "data_types": {"grad_accum_dtype": "fp32"}: ZeRO-1 accumulates micro-batches in fp16). The loss
+# stays within 1.1e-4 there. The old 4e-3 failed that clean cell; the detection floor is set by
+# the step-0 checks (README), which this bound does not loosen.
 
 # step0_scale_rtol: the least-squares scale of the step-0 gradient along the reference's
 # (invariants.step0_scale) averages rounding away, so it bounds a uniform gradient error far
@@ -135,6 +145,16 @@ class TrainingThresholds:
     # the test matrix, 2026-11-30); a run that skips a quarter of its steps compares too little,
     # and a loss scale stuck overflowing is a bug of its own.
     min_applied_fraction: float = 0.75
+    # Per-step comparisons are torch.testing.assert_close-style, |value - expected| <= atol + rtol x
+    # |expected|, with atol = rtol x this fraction x the reference's first value of the figure:
+    # rounding errors are absolute, set by the magnitudes inside the model, which a falling loss
+    # does not shrink. Measured 2026-12-01 (ZeRO 0-3 fp32 overfit cells run to 200 steps, loss
+    # 4.1 -> 0.004): the loss's difference from the reference stays <= 7e-7 x its first value
+    # (grad norm 2.8e-6) while its relative difference grows 1.3e-6 -> 2.9e-5, past fp32's 1e-5
+    # from step 92: without the floor every such cell failed parity_loss on rounding alone. At
+    # 0.1 the floor is >= 14x the largest measured difference and binds only once the figure
+    # falls below a tenth of where it started.
+    near_zero_fraction: float = 0.1
     # Peak resident memory of any one rank during a cell (VmHWM, reset when the cell starts), MiB.
     # Measured 2026-12-01 (torch 2.13 CPU, deepspeed 0.19.8, gloo, ws 2): engine ZeRO-2 and 3 fp32
     # 429-433, Trainer ZeRO-1 442, LoRA ZeRO-3 bf16 453: nearly all of it the rank's imports (torch,
