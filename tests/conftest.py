@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from numerics.cell.data import markov_chain
 from numerics.cell.invariant_sets import DEFAULT_INVARIANTS
@@ -14,6 +15,7 @@ from numerics.judge.thresholds import THRESHOLDS
 from numerics.judge.trace import StepRecord, Trace
 from numerics.run.launcher import CellOutcome
 from numerics.run.runner import CellResult
+from numerics.versions.releases import IndexUnreachable, published_versions
 
 # -- hand-made traces and results (invariants, reports, the runner's failure paths) ----------
 STEPS = 16
@@ -98,3 +100,16 @@ def children() -> dict[int, str]:
         if int(ppid) == os.getpid():
             found[int(stat.parent.name)] = f"{name.partition('(')[2]} ({state})"
     return found
+
+
+def index_reachable() -> bool:
+    """Whether pip can list releases from the package index here, as `numerics env` and `bisect` do."""
+    try:
+        published_versions("peft")
+        return True
+    except IndexUnreachable:
+        return False
+
+
+# Tests that need the package index skip, with the reason, where it cannot be reached; CI reaches it.
+needs_index = pytest.mark.skipif(not index_reachable(), reason="the package index cannot be reached (pip index versions peft)")

@@ -4,6 +4,7 @@ the run side with fake environments and a fake runner (skips, the record cache),
 input as exit 2. Only the unpublished-release test asks the package index, and skips with
 the reason when it cannot be reached."""
 import pytest
+from conftest import needs_index
 
 from numerics.cell import matrix
 from numerics.cell.faults import FAULTS
@@ -22,7 +23,6 @@ from numerics.versions.bisect import (
     search,
 )
 from numerics.versions.environments import Environment
-from numerics.versions.releases import IndexUnreachable, published_versions
 from numerics.versions.resolve import CannotBuild, Pin
 
 RELEASES = [f"0.{minor}.0" for minor in range(10)]
@@ -223,14 +223,6 @@ def test_the_fault_cells_clean_twins_can_be_selected_and_run_again():
 
 
 # -- bad input --------------------------------------------------------------------------------------
-def _index_reachable() -> bool:
-    try:
-        published_versions("peft")
-        return True
-    except IndexUnreachable:
-        return False
-
-
 @pytest.mark.parametrize("argv, message", [
     (["numpy", "--good", "1.0", "--bad", "2.0"], "unsupported package in 'numpy==1.0'"),
     (["peft", "--good", "0.6.2", "--bad", "0.6.2"], "--good and --bad are the same release (peft==0.6.2)"),
@@ -245,7 +237,7 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
     assert message in " ".join(capsys.readouterr().out.split())
 
 
-@pytest.mark.skipif(not _index_reachable(), reason="the package index cannot be reached (pip index versions peft)")
+@needs_index
 def test_an_unpublished_release_exits_2_naming_the_nearest(capsys):
     assert main(["bisect", "peft", "--good", "0.6.3", "--bad", "0.7.1"]) == 2
     assert "peft==0.6.3 is not a published release; nearest: 0.6.0, 0.6.1, 0.6.2, 0.7.0" in capsys.readouterr().out

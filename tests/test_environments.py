@@ -7,9 +7,9 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 
 import pytest
+from conftest import needs_index
 from packaging.version import Version
 
 from numerics.run.platform import package_versions
@@ -21,15 +21,6 @@ from numerics.versions.constraints import extra_constraints
 from numerics.versions.resolve import BadPins, CannotBuild, Pin, check_published, parse_pins, resolve, uv_reason
 
 
-def _index_reachable() -> bool:
-    try:
-        urllib.request.urlopen("https://pypi.org/simple/peft/", timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
-needs_index = pytest.mark.skipif(not _index_reachable(), reason="the package index (pypi.org) cannot be reached")
 
 
 @pytest.mark.parametrize("pins, message", [
