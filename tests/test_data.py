@@ -40,7 +40,7 @@ def test_sample_is_a_pure_function_of_seed_step_and_index():
 
 
 def test_global_batch_stacks_the_samples_in_order():
-    batch = global_batch(CHAIN, 16, seed=0, step=2, size=4)
+    batch = global_batch(16, seed=0, step=2, size=4)
     assert tuple(batch.shape) == (4, 16)
     assert np.array_equal(batch[3].numpy(), sample_sequence(CHAIN, 16, seed=0, step=2, index=3))
 

@@ -57,7 +57,7 @@ def test_torchrun_two_nodes_match_the_pool_bit_for_bit(run_cell, tmp_path):
 
 def test_a_node_that_never_joins_ends_the_run_with_the_reason(tmp_path):
     started = time.monotonic()
-    lonely = node(0, free_port(), tmp_path / "launched", join_timeout_s=10, cells=SMALL)  # node 1 never comes
+    lonely = node(0, free_port(), tmp_path / "launched", join_timeout_s=5, cells=SMALL)  # node 1 never comes
     output = lonely.communicate(timeout=120)[0]
     assert lonely.returncode != 0 and time.monotonic() - started < 60
     assert "1/2 clients joined" in output, output[-3000:]

@@ -74,7 +74,7 @@ class MarkovStream(Workload):
     name = "markov"
 
     def step_batch(self, spec: Any, step: int) -> Batch:
-        ids = global_batch(markov_chain(), spec.seq_len, spec.seed, step, spec.global_batch)
+        ids = global_batch(spec.seq_len, spec.seed, step, spec.global_batch)
         return {"input_ids": ids, "labels": ids}
 
     def oracle_loss(self, batch: Batch) -> float | None:

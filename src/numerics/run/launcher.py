@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -162,6 +163,10 @@ def start_rank(world_size: int, device: int, backend: str,
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     if backend == "gloo":
         release_shm_workspace()
+    # What is loaded by now (torch, DeepSpeed, transformers...) lives as long as the rank: keep the
+    # collector from scanning it again. The Trainer calls gc.collect() at every start
+    # (accelerate's free_memory), which took 0.7 s of a 3.9 s Trainer cell.
+    gc.freeze()
     return run_metadata(backend, world_size, lifted)
 
 
