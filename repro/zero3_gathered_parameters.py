@@ -37,7 +37,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 READS = {"backward": ("backward",), "step": ("step",), "both": ("backward", "step")}
-READS = {"backward": ("backward",), "step": ("step",), "both": ("backward", "step")}
 VOCAB, WIDTH, HIDDEN, SEQ, BATCH = 61, 32, 63, 16, 4
 
 
