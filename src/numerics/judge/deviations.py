@@ -113,7 +113,8 @@ ZERO0_FP16 = (
     "ZeRO-0 fp16: engine.backward applies the loss scale only for ZeRO optimizers, yet FP16_Optimizer "
     "divides the gradients by it (4096) before stepping, so the update uses gradient/scale; the "
     "engine's reported norm is smaller by exactly the scale. Adam mostly normalises it away (eps "
-    "still shifts the trajectory); SGD would barely move."
+    "still shifts the trajectory); SGD would barely move. As at ZeRO-0 bf16, every Adam update is "
+    "also bias-corrected one step late (FP16_Optimizer's initial step, see ZERO0_BF16)."
 )
 ZERO0_BF16 = (
     "ZeRO-0 bf16 with AdamW (FP16_Optimizer in bf16 mode) departs from ZeRO 1-3 bf16 by ~25x their "
