@@ -1,5 +1,5 @@
 """Incident 4, "loss jump at an epoch boundary, eval silently missing": a multi-epoch run over a
-finite dataset passes ``epoch_continuity`` and ``eval_present``; an optimizer reset at the boundary
+finite dataset passes ``epoch_continuity`` and ``eval_present``; an optimizer reset or an lr schedule restart at the boundary
 and an eval that stops after the first epoch each fail the invariant that targets them."""
 import pytest
 
@@ -9,7 +9,8 @@ from numerics.show.plugin import expect_pass
 
 pytestmark = pytest.mark.multigpu
 
-EPOCH_FAULTS = {"optimizer_reset_at_epoch": "epoch_continuity", "eval_skipped": "eval_present"}
+EPOCH_FAULTS = {"optimizer_reset_at_epoch": "epoch_continuity", "lr_schedule_restart_at_epoch": "epoch_continuity",
+                "eval_skipped": "eval_present"}
 
 
 def test_clean_epochs_pass(run_cell) -> None:

@@ -325,6 +325,15 @@ class OptimizerResetAtEpoch(EpochFault):
                 state[key] = value.zero_() if torch.is_tensor(value) else 0
 
 
+class LrScheduleRestartAtEpoch(EpochFault):
+    """The lr schedule jumps back to its peak (the end of warm-up) at every epoch start, as a loop that
+    rebuilds a warm-up-free scheduler per epoch does; Adam's state is kept."""
+
+    def at_epoch_start(self, engine: Any, epoch: int) -> None:
+        scheduler = engine.lr_scheduler
+        scheduler.step(scheduler.warmup_num_steps)  # DeepSpeed's WarmupLR: sets the lr of that iteration now
+
+
 class EvalSkipped(EpochFault):
     """Eval runs in the first epoch only (an eval loader exhausted, a step counter reset), silently."""
 
@@ -419,6 +428,10 @@ FAULTS: dict[str, Fault] = {
             "optimizer_reset_at_epoch", "Adam's moments and step reset to zero at every epoch boundary",
             ("epoch_continuity",), dict(EpochFault.CELL),
         ),
+        LrScheduleRestartAtEpoch(
+            "lr_schedule_restart_at_epoch", "the lr schedule restarts at its peak at every epoch boundary",
+            ("epoch_continuity",), dict(EpochFault.CELL),
+        ),
         EvalSkipped(
             "eval_skipped", "eval silently not run after the first epoch",
             ("eval_present",), dict(EpochFault.CELL),
@@ -443,11 +456,15 @@ FAULTS: dict[str, Fault] = {
 
 # Faults no invariant catches yet at some precision, as measured; their tests are strict xfails,
 # so the check that closes a gap turns them green loudly. (fault, precision) -> what was seen.
-UNDETECTED: dict[tuple[str, str], str] = {
-    ("optimizer_reset_at_epoch", "bf16"): (
-        "bf16 epochs cell (ZeRO 0, 1 and 2 alike): after each reset the loss does not rise at the boundary "
-        "(jumps -0.12 ... -0.80 nats, fp32 +0.19) but the run drifts elsewhere, and the epochs cell holds no "
-        "parity invariant that would see it (its reference does not replay the finite dataset yet)"),
+UNDETECTED: dict[tuple[str, str], str] = {}  # none since epoch_continuity compares with a replaying reference
+
+# Faults whose effect in bf16 is as large as the bf16 noise of their invariant at some seeds: a
+# one-seed bf16 test would be a coin toss either way, so they are tested in fp32 only. Measured.
+BF16_MARGINAL: dict[str, str] = {
+    "lr_schedule_restart_at_epoch": (
+        "bf16 epochs cells rise 0.07-0.21 nats beyond the reference at the worst boundary (ZeRO 0, 1, 3 x "
+        "seeds 0-2; caught at 6 of 9 against 0.15) while clean ones reach 0.071 (ZeRO-3) and 0.157 "
+        "(ZeRO-0, a known deviation); fp32 rises 0.17-0.26 against clean 2e-4"),
 }
 
 

@@ -202,9 +202,18 @@ TODAY: list[Deviation] = [
               signature=Signature("the loss closes at most 1% of the way to its floor (SGD steps gradient/4096)",
                                   lambda m, cell: m["closed"] <= 0.01,
                                   "measured 8.0e-5 of the way (zero0-fp16-ws2-ga4-config_sgd, seed 0)")),
+    # Crosses the tolerance in most matching cells but not all: the padded Trainer cell sits at ~1.0 x
+    # (below it on the CI machine's CPU, 2026-12-01), hence not strict.
     Deviation({"zero_stage": 0, "dtype": "bf16", "optimizer": "adamw", "fault": None, "driver": ("engine", "trainer")},
-              "parity_loss", ZERO0_BF16_FP16_OPTIMIZER, ZERO0_BF16, signature=ZERO0_BF16_DRIFT,
+              "parity_loss", ZERO0_BF16_FP16_OPTIMIZER, ZERO0_BF16, strict=False, signature=ZERO0_BF16_DRIFT,
               link="https://github.com/deepspeedai/DeepSpeed/pull/5104"),  # the same initial step, in ZeRO 1-3
+    # The epochs cell's drift off its replaying reference shows at the boundaries too, on some seeds.
+    Deviation({"zero_stage": 0, "dtype": "bf16", "optimizer": "adamw", "fault": None, "driver": "epochs"},
+              "epoch_continuity", ZERO0_BF16_FP16_OPTIMIZER, ZERO0_BF16, strict=False,
+              signature=Signature("a rise beyond the reference's of at most 0.3 nats (an Adam reset at every "
+                                  "boundary: 0.21-0.47)",
+                                  lambda m, cell: m["excess"] <= 0.3,
+                                  "measured 0.021-0.157 over seeds 0-4 (0.130 at seed 0; ZeRO 1-3 bf16 <= 0.071)")),
     # 8-step resume cells cross the tolerance in some cells only (full fine-tuning 1.43 x at step 3,
     # seed 0), hence not strict.
     Deviation({"zero_stage": 0, "dtype": "bf16", "optimizer": "adamw", "fault": None, "driver": "resume"},

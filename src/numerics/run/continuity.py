@@ -114,6 +114,15 @@ def run_resume_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     return trace
 
 
+MULTI_EPOCH_DRIVERS = ("epochs", "trainer_epochs")
+
+
+def as_trained(spec: RunSpec) -> RunSpec:
+    """``spec`` as its ranks train it: a multi-epoch driver adds its lr schedule (`with_schedule`),
+    which the reference must step as well."""
+    return with_schedule(spec) if spec.driver in MULTI_EPOCH_DRIVERS else spec
+
+
 def with_schedule(spec: RunSpec) -> RunSpec:
     """``spec`` with a warm-up (half an epoch) + linear-decay schedule in its DeepSpeed config, unless
     ``ds_extra`` sets one: the schedule is config a user could copy, like the rest of the cell's."""
@@ -145,7 +154,10 @@ def run_epochs_cell(spec: RunSpec, rank: int, meta: dict[str, Any]) -> Trace:
     with _engine(with_schedule(spec), fault) as (engine, init_checksum), fault.installed(engine, spec, rank):
         trace = _new_trace(spec, meta, init_checksum)
         eval_steps = list(range(EVAL_EVERY - 1, spec.steps, EVAL_EVERY))
-        trace.meta.update(batches_per_epoch=BATCHES_PER_EPOCH, eval_steps=eval_steps)
+        size = spec.global_batch  # the reference replays these samples: the finite dataset, epoch after epoch
+        trace.meta.update(batches_per_epoch=BATCHES_PER_EPOCH, eval_steps=eval_steps,
+                          step_samples=[list(range(p * size, (p + 1) * size)) for p in
+                                        (step % BATCHES_PER_EPOCH for step in range(spec.steps))])
         held_out = get_workload(spec.workload).step_batch(spec, HELD_OUT_STEP)
         for step in range(spec.steps):
             epoch, position = divmod(step, BATCHES_PER_EPOCH)

@@ -34,6 +34,7 @@ from numerics.cell.spec import RunSpec
 from numerics.cell.workloads import get_workload
 from numerics.judge.thresholds import THRESHOLDS
 from numerics.judge.trace import StepRecord, Trace
+from numerics.run.continuity import as_trained
 from numerics.run.lora import apply_lora
 from numerics.run.train import build_optimizer, norm
 
@@ -117,7 +118,7 @@ def reference_trace(spec: RunSpec, trace: Trace | None = None) -> Trace:
     """The reference of ``spec``, on the samples ``trace`` recorded per step where it recorded
     them, and on the batches of its applied steps only where it skipped some: its step i is
     then the cell's i-th applied step (see `applied_samples`)."""
-    return _reference(ReferenceKey.of(spec, applied_samples(spec, trace) if trace is not None else None))
+    return _reference(ReferenceKey.of(as_trained(spec), applied_samples(spec, trace) if trace is not None else None))
 
 
 def applied_samples(spec: RunSpec, trace: Trace) -> list[Sequence[int]] | None:
