@@ -123,7 +123,7 @@ ZERO0_BF16 = (
     "(initialize_optimizer_states), so Adam's step count is 1 before training and every update is "
     "bias-corrected one step late: the first is 0.744x the true one (measured 0.3345 vs the "
     "reference's 0.4501 update norm), and AdamW's decay is applied once more. "
-    "Reproducer: repro/zero0_bf16_adam_first_step.py (ZeRO-0 bf16 and fp16: 0.744 x lr; ZeRO-1: 1.000)."
+    "Reproducer: repro/zero0_first_update.py (ZeRO-0 bf16 and fp16: first update 0.744 x plain PyTorch's; ZeRO-1: 1.000)."
 )
 ZERO3_GLOO_GATHER = (
     "ZeRO-3 on gloo: GatheredParameters (Init._allgather_params_coalesced) launches one all-gather "
@@ -268,6 +268,15 @@ ZERO2_BF16_GA = (
     "with 0.42x its norm, as if micro-batches were lost; SGD stops learning, AdamW's loss is 0.4% off "
     "at step 1."
 )
+ZERO0_BF16_SGD = (
+    "ZeRO-0 bf16 with SGD (any optimizer but Adam: FP16_UnfusedOptimizer), 0.17.6 to 0.18.5: the gradients "
+    "are not cleared after a step, so they add up. On 0.17.6 the wrapper also runs bf16 as fp16 with a "
+    "dynamic loss scale of 2^16 (the gradient a user reads and the reported grad norm are 65536 x the true "
+    "ones) and step k applies the sum of all gradients so far (updates 1.00, 1.41, 2.05 x plain SGD's): "
+    "the loss rises. On 0.18.4 and 0.18.5 no scale, and no update at all (the weights never move, the "
+    "grad norm grows: 1.05, 1.76, 2.32 ...; with GA 4 the step-0 gradient is 1/4 of the true one): the "
+    "loss stays flat. 0.18.0-0.18.3 not run. Reproducer: repro/zero0_first_update.py --optimizer sgd."
+)
 SPLIT_VIEW = (
     "ZeRO-1/2 on torch 2.13: the first step's all-gather of the updated partitions writes into a view "
     "returned by torch.split and raises 'Output 0 of Split is a view and is being modified inplace': "
@@ -336,6 +345,25 @@ ZERO2_BF16_GA_SIGNATURES = {
                                   lambda m, cell: within_factor(m["ratio"], 0.42), "derived from the reason"),
     "parity_loss": LOSS_EQUAL_AT_STEP0,
 }
+BF16_AS_FP16_SCALE = 2.0**16  # DeepSpeed's default initial_scale_power: the loss scale ZERO0_BF16_SGD applies
+def bf16_sgd_step0(value: float, rtol: float, cell: dict[str, Any]) -> bool:
+    """A step-0 gradient figure over the reference's: 65536 (0.17.6), or 1/GA with accumulation (0.18.4-0.18.5)."""
+    return near(value / BF16_AS_FP16_SCALE, 1.0, rtol) or (cell["grad_accum"] > 1 and near(value * cell["grad_accum"], 1.0, rtol))
+
+
+ZERO0_BF16_SGD_SIGNATURES = {
+    "step0_grads": Signature("step-0 gradient = 65536 (the fp16 loss scale, 0.17.6) or 1/GA (GA > 1, 0.18.4-0.18.5) "
+                             "x the reference's along its direction",
+                             lambda m, cell: bf16_sgd_step0(m["scale"], m["scale_rtol"], cell),
+                             "measured on 0.17.6 (relative L2 6.57e4) and 0.18.5 at GA 4 (scale 0.2500)"),
+    "parity_grad_norm": Signature("grad norm at step 0 = 65536 (0.17.6) or 1/GA (GA > 1, 0.18.4-0.18.5) x the "
+                                  "reference's, or above it from step 1 on as uncleared gradients add up",
+                                  lambda m, cell: (m["step"] == 0 and bf16_sgd_step0(m["ratio"], m["rtol"], cell))
+                                  or (m["step"] >= 1 and m["ratio"] > 1.0),
+                                  "measured 68723 vs 1.04884 at step 0 on 0.17.6; on 0.18.5 1.759 vs 0.563 at step 1 "
+                                  "(GA 1), 0.2500 x at step 0 (GA 4)"),
+    "parity_loss": LOSS_EQUAL_AT_STEP0,
+}
 TOKEN_COUNT_SIGNATURES = {
     "step0_grads": Signature("step-0 gradient low by the token count: between 3/4 and 1 x the reference's",
                              scaled("scale", "scale_rtol", lambda cell: 1.0), "derived: (L-1)/L = 31/32, n >= 4 tokens padded"),
@@ -367,6 +395,12 @@ FINDINGS: list[Deviation] = [
                 {"deepspeed": ">=0.17.6,<0.18.4"}, ZERO2_BF16_GA, strict=False,
                 found_by="first bad deepspeed==0.17.6 (last good 0.17.5); first fixed 0.18.4 (last bad 0.18.3)",
                 signature=ZERO2_BF16_GA_SIGNATURES.get(name))
+      for name in ("step0_grads", "parity_grad_norm", "parity_loss", "learns")),
+    *(Deviation({"zero_stage": 0, "dtype": "bf16", "optimizer": "sgd", "fault": None}, name,
+                {"deepspeed": ">=0.17.6,<0.18.6"}, ZERO0_BF16_SGD, strict=False,
+                found_by="first fixed deepspeed==0.18.6, last bad 0.18.5 (numerics bisect from 0.17.6, learns); before "
+                "0.17.6 ZeRO-0 bf16 ran BF16_Optimizer (SGD there not run)",
+                signature=ZERO0_BF16_SGD_SIGNATURES.get(name))
       for name in ("step0_grads", "parity_grad_norm", "parity_loss", "learns")),
     Deviation({"zero_stage": (1, 2), "fault": None}, "completes", {"deepspeed": ">=0.18.7,<0.19.0"}, SPLIT_VIEW,
               strict=False, says="Output 0 of Split is a view",
