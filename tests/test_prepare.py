@@ -1,8 +1,11 @@
 """Building DeepSpeed's CPU ops: a build killed midway must not leave every later load waiting,
-and the processor is described once, not twice per op in every rank."""
+the processor is described once, not twice per op in every rank, and a venv's ops stay in it."""
+import os
+import sys
+
 import cpuinfo
 
-from numerics.run.prepare import remember_cpu_info, sole_builder
+from numerics.run.prepare import own_extensions_dir, remember_cpu_info, sole_builder
 
 
 def test_a_dead_builds_torch_lock_is_cleared(tmp_path, monkeypatch):
@@ -29,3 +32,18 @@ def test_the_processor_is_described_once_and_read_back_after(tmp_path, monkeypat
     monkeypatch.setattr(cpuinfo, "get_cpu_info", described)  # the next rank: a fresh module, the same file
     remember_cpu_info()
     assert cpuinfo.get_cpu_info()["flags"] == ["avx2", "fma"] and len(asked) == 2, "the next rank asked py-cpuinfo again"
+
+
+def test_ops_are_built_inside_the_venv_unless_a_directory_is_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    assert own_extensions_dir() == str(tmp_path / "venv" / "torch_extensions") == os.environ["TORCH_EXTENSIONS_DIR"]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "overlay"))  # a version overlay's own directory
+    assert own_extensions_dir() == str(tmp_path / "overlay")
+
+
+def test_outside_a_venv_torchs_default_directory_stays(monkeypatch):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", sys.base_prefix)
+    assert own_extensions_dir() is None and "TORCH_EXTENSIONS_DIR" not in os.environ

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,7 @@ def build_cpu_ops() -> dict[str, float]:
     if torch.cuda.is_available():
         return {}
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    own_extensions_dir()
     remember_cpu_info()
     return {name: load_cpu_op(name) for name in CPU_OPS}
 
@@ -47,6 +49,20 @@ def main() -> int:
     for name, seconds in build_cpu_ops().items():
         print(f"{name}: ready in {seconds:.1f}s", flush=True)
     return 0
+
+
+def own_extensions_dir() -> str | None:
+    """Keep this virtual environment's JIT-built ops in it: ``TORCH_EXTENSIONS_DIR`` defaults to
+    ``<venv>/torch_extensions`` (a value already set, e.g. a version overlay's, is kept).
+
+    torch's default, ``~/.cache/torch_extensions``, is shared by every venv of the user, and an op
+    built from another checkout's DeepSpeed sources (another path) is rebuilt on load: a fresh
+    clone's CI here made the next test session in the main checkout rebuild both ops (~3 min).
+    Outside a venv (``sys.prefix`` is the base Python's, often not writable) torch's default stays.
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    return os.environ.get("TORCH_EXTENSIONS_DIR")
 
 
 def remember_cpu_info() -> None:
