@@ -2,6 +2,7 @@
 localhost, gloo) run cells that match the same cells through our own pool, verdict for
 verdict and bit for bit in fp32; a node that never joins, or dies mid-run, ends the run in
 time with the reason; the DeepSpeed launcher's ranks run cells too."""
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +34,15 @@ def node(rank: int, port: int, report: Path, join_timeout_s: int = 120, timeout_
                              str(port), "--rdzv-conf", f"timeout={join_timeout_s}", "-m", "numerics.show.cli", "launched",
                              "--cells", cells, "--report", str(report), "--timeout-s", str(timeout_s)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a torchrun agent and everything under it (it starts its ranks in sessions of their
+    own, so no process group reaches them). A rank may be gone before its turn: ranks exit by
+    themselves once the agent that owns them dies."""
+    for member in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
 
 
 def fingerprint(cell: dict) -> list[tuple]:
@@ -74,14 +84,12 @@ def test_a_node_that_dies_mid_run_fails_its_cell_and_the_report_is_written(tmp_p
         if "running " + SMALL in line:
             break
     time.sleep(3)  # the ZeRO-3 engine built, stepping
-    for pid in [lost.pid, *descendants(lost.pid)]:  # torchrun starts its ranks in sessions of their own
-        os.kill(pid, signal.SIGKILL)
+    kill_tree(lost.pid)
     killed = time.monotonic()
     results = tmp_path / "launched" / "results.json"
     while not results.exists() and time.monotonic() - killed < 150:
         time.sleep(1)
-    for pid in [survivor.pid, *descendants(survivor.pid)]:
-        os.kill(pid, signal.SIGKILL)
+    kill_tree(survivor.pid)
     output = survivor.communicate()[0]
     assert results.exists(), f"no report {time.monotonic() - killed:.0f}s after node 1 died:\n{output[-3000:]}"
     cells = json.loads(results.read_text())["cells"]
