@@ -4,13 +4,13 @@ it turns red through adapter_dtype_policy and finite; under PEFT 0.6.2 (fp32 ada
 it stays green. Both run with transformers 4.36.2 pinned, each in its own environment
 (numerics.versions), built here on first use and cached in the clone: CI starts on a
 fresh machine. Their co-dependencies (tokenizers 0.15, ...) are resolved, not written."""
-import os
 
 import pytest
 
 from numerics.cell.faults import FAULTS
 from numerics.cell.matrix import fault_cell
 from numerics.run.platform import package_versions
+from numerics.show.plugin import worker_index
 from numerics.versions.cells import run_cells_in
 from numerics.versions.environments import Environment, build
 from numerics.versions.resolve import Pin, parse_pins
@@ -23,16 +23,11 @@ CELL = fault_cell(FAULTS["adapters_in_base_dtype"], clean=True)
 TIMEOUT_S = 600.0
 
 
-def _worker() -> int:
-    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    return int(name[2:]) if name.startswith("gw") else 0
-
-
 def run_release(peft: str, request: pytest.FixtureRequest) -> tuple[dict, tuple[Pin, ...]]:
     pins = parse_pins([f"peft=={peft}", "transformers==4.36.2"])
     environment = build(pins)
     [record] = run_cells_in(environment, [CELL], TIMEOUT_S, backend=request.config.getoption("backend"),
-                            worker=_worker())
+                            worker=worker_index(request.config))
     story = "\n".join(f"  {status:5s} {invariant}: {message}" for invariant, status, message in record["verdicts"])
     record["story"] = f"{record['cell']} under {environment.path} {pins}: {record['status']}\n" \
                       f"losses: {record['losses']}\nadapter: {record['adapter']}\nerror: {record['error']}\n{story}"

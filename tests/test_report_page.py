@@ -1,6 +1,7 @@
 """report.html: written beside results.json, re-rendered and merged by ``numerics report``,
 and, opened in headless Chromium, it shows the failing cell and its curves."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -105,11 +106,13 @@ def test_cell(stage, request):
 
 
 def test_xdist_workers_write_their_own_reports_and_the_controller_merges_them(tmp_path):
-    """Two workers, four cells: every cell in the merged report, none lost to a worker that wrote last."""
+    """Two workers, four cells: every cell in the merged report, none lost to a worker that wrote last.
+    Started as from inside an xdist worker (``PYTEST_XDIST_WORKER`` inherited), it still merges."""
     (tmp_path / "test_fake_cells.py").write_text(FAKE_CELLS.format(tests=str(Path(__file__).parent)))
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
                            "--numerics-report", str(tmp_path / "report"), str(tmp_path / "test_fake_cells.py")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTEST_XDIST_WORKER": "gw7"})
     assert done.returncode == 0, done.stdout[-3000:]
     merged = json.loads((tmp_path / "report" / "results.json").read_text())
     assert sorted(c["cell"] for c in merged["cells"]) == [f"zero{s}-fp32-ws2" for s in range(4)]

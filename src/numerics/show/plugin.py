@@ -95,7 +95,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except ValueError as err:
             raise pytest.UsageError(f"--numerics-shard: {err}") from None
     directory = config.getoption("numerics_report")
-    if directory and not os.environ.get("PYTEST_XDIST_WORKER"):
+    if directory and not xdist_worker(config):
         shutil.rmtree(Path(directory) / "workers", ignore_errors=True)  # an earlier session's, never merged into this one
     interrupt_on_sigterm()
 
@@ -119,15 +119,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
     return report
 
 
-def _worker_index() -> int:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+def xdist_worker(config: pytest.Config) -> str | None:
+    """This session's pytest-xdist worker id ("gw0", ...), None in a controller or without xdist.
+
+    Read from the config xdist hands its workers, not ``PYTEST_XDIST_WORKER``: a pytest that a
+    test starts inherits that variable from the worker running the test, and would take itself
+    for a worker (never merging its own workers' reports)."""
+    return getattr(config, "workerinput", {}).get("workerid")
+
+
+def worker_index(config: pytest.Config) -> int:
+    worker = xdist_worker(config) or "gw0"
     return int(worker[2:]) if worker.startswith("gw") else 0
 
 
 @pytest.fixture(scope="session")
 def numerics_pools(request: pytest.FixtureRequest):
     """Persistent rank pools for the session (per xdist worker); closed when pytest ends."""
-    pools = PoolSet(request.config.getoption("backend"), _worker_index())
+    pools = PoolSet(request.config.getoption("backend"), worker_index(request.config))
     request.config.stash[POOLS_KEY] = pools
     yield pools
     pools.close()
@@ -183,7 +192,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     from numerics.show.results import load, write_json
 
     results, seconds = session.config.stash.get(RESULTS_KEY, []), session.config.stash.get(SECONDS_KEY, {})
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    worker = xdist_worker(session.config)
     parts = Path(directory) / "workers"
     if worker:
         write_json(report.results_data(results, seconds), parts / worker / "results.json")
