@@ -254,7 +254,8 @@ ZERO0_BF16_ACCESSOR = (
     "ZeRO-0 bf16 before 0.17.6 (BF16_Optimizer): deepspeed.utils.safe_get_full_grad returns this rank's "
     "bf16 gradient before the all-reduce, not the reduced fp32 one: what a user (and Numerics) reads "
     "is wrong (relative L2 1.09; norm 1.28 vs 1.05) while the engine's own norm (1.04863) and training "
-    "match the reference."
+    "match the reference. With gradient accumulation the norm read is about half the true one (0.46-0.56x "
+    "at GA 4); the HF Trainer logs the engine's right norm, so its log and the read disagree."
 )
 ZERO1_GA_SCALE = (
     "ZeRO-1 with gradient accumulation from 0.18.3: the gradient the optimizer steps, and the norm the "
@@ -270,12 +271,14 @@ ZERO2_BF16_GA = (
 )
 ZERO0_BF16_SGD = (
     "ZeRO-0 bf16 with SGD (any optimizer but Adam: FP16_UnfusedOptimizer), 0.17.6 to 0.18.5: the gradients "
-    "are not cleared after a step, so they add up. On 0.17.6 the wrapper also runs bf16 as fp16 with a "
+    "are not cleared after a step, so they add up. On 0.17.6-0.18.2 the wrapper also runs bf16 as fp16 with a "
     "dynamic loss scale of 2^16 (the gradient a user reads and the reported grad norm are 65536 x the true "
     "ones) and step k applies the sum of all gradients so far (updates 1.00, 1.41, 2.05 x plain SGD's): "
-    "the loss rises. On 0.18.4 and 0.18.5 no scale, and no update at all (the weights never move, the "
+    "the loss rises. On 0.18.3-0.18.5 no scale, and no update at all (the weights never move, the "
     "grad norm grows: 1.05, 1.76, 2.32 ...; with GA 4 the step-0 gradient is 1/4 of the true one): the "
-    "loss stays flat. 0.18.0-0.18.3 not run. Reproducer: repro/zero0_first_update.py --optimizer sgd."
+    "loss stays flat. Every release in the range run (numerics run --pin, the 4 SGD cells): 0.18.0-0.18.2 "
+    "show 0.17.6's figures to the digit (grad norm 68723 at step 0), 0.18.3 0.18.5's. Reproducer: "
+    "repro/zero0_first_update.py --optimizer sgd."
 )
 SPLIT_VIEW = (
     "ZeRO-1/2 on torch 2.13: the first step's all-gather of the updated partitions writes into a view "
@@ -322,13 +325,31 @@ def ga_twice(cell: dict[str, Any]) -> float:
 
 
 LOSS_EQUAL_AT_STEP0 = Signature(LOSS_AFTER_STEP0, lambda m, cell: m["step"] >= 1, "derived: the bug is in the gradient")
+# What the accessor returns on 0.17.5 (every ZeRO-0 bf16 cell of the full matrix, 28): at GA 1 a rank's
+# own gradient (norm 1.22 x the reference's, derived); at GA 2-4 a gradient 0.46-0.56 x the reference's
+# norm (17 cells), while the engine's own norm, and what the Trainer logs, match the reference.
+ZERO0_BF16_READ_RATIO = {1: 1.28 / 1.05, "ga": 0.5}  # norm read / the reference's
+
+
+def accessor_read(ratio: float, cell: dict[str, Any], inverse: bool = False) -> bool:
+    """A norm ratio fits the wrong read of ZERO0_BF16_ACCESSOR: within 2x of its figure at the cell's
+    accumulation, as read / true (``inverse``: true / read, the engine's or the logged norm over it)."""
+    written = ZERO0_BF16_READ_RATIO[1 if cell.get("grad_accum", 1) == 1 else "ga"]
+    return within_factor(ratio, 1 / written if inverse else written)
+
+
 ZERO0_BF16_ACCESSOR_SIGNATURES = {
     "step0_grads": Signature("a rank's own gradient, not the reduced one: relative L2 within 2x of 1.09",
                              lambda m, cell: within_factor(m["worst_rel"], 1.09), "derived from the reason"),
-    "parity_grad_norm": Signature("grad norm read within 2x of 1.22 x the reference's (1.28 vs 1.05) where it diverges",
-                                  lambda m, cell: within_factor(m["ratio"], 1.28 / 1.05), "derived from the reason"),
-    "grad_norm_agrees": Signature("engine's norm within 2x of 0.82 x the one read (1.04863 vs 1.28)",
-                                  lambda m, cell: within_factor(m["ratio"], 1.04863 / 1.28), "derived from the reason"),
+    "parity_grad_norm": Signature("grad norm read within 2x of 1.22 (GA 1) or 0.5 (GA > 1) x the reference's where it diverges",
+                                  lambda m, cell: accessor_read(m["ratio"], cell),
+                                  "GA 1 derived from the reason; GA > 1 measured 0.46-0.56 on 0.17.5 (17 cells)"),
+    "grad_norm_agrees": Signature("engine's norm within 2x of 0.82 (GA 1) or 2 (GA > 1) x the one read",
+                                  lambda m, cell: accessor_read(m["ratio"], cell, inverse=True),
+                                  "GA 1 derived from the reason (1.04863 vs 1.28); GA > 1 measured 1.77-2.16 on 0.17.5"),
+    "logged_matches": Signature("the Trainer logs the engine's (right) grad norm: within 2x of 0.82 (GA 1) or 2 "
+                                "(GA > 1) x the one read", lambda m, cell: accessor_read(m["grad_norm_ratio"], cell, inverse=True),
+                                "measured on 0.17.5, 10 Trainer cells: 0.67-0.86 at GA 1, 1.03-2.16 at GA 2-4"),
 }
 ZERO1_GA_SCALE_SIGNATURES = {
     "step0_grads": Signature("step-0 gradient = the reference's / GA (/ GA^2 under the Trainer, x the stock loss's "
@@ -347,16 +368,16 @@ ZERO2_BF16_GA_SIGNATURES = {
 }
 BF16_AS_FP16_SCALE = 2.0**16  # DeepSpeed's default initial_scale_power: the loss scale ZERO0_BF16_SGD applies
 def bf16_sgd_step0(value: float, rtol: float, cell: dict[str, Any]) -> bool:
-    """A step-0 gradient figure over the reference's: 65536 (0.17.6), or 1/GA with accumulation (0.18.4-0.18.5)."""
+    """A step-0 gradient figure over the reference's: 65536 (0.17.6-0.18.2), or 1/GA with accumulation (0.18.3-0.18.5)."""
     return near(value / BF16_AS_FP16_SCALE, 1.0, rtol) or (cell["grad_accum"] > 1 and near(value * cell["grad_accum"], 1.0, rtol))
 
 
 ZERO0_BF16_SGD_SIGNATURES = {
-    "step0_grads": Signature("step-0 gradient = 65536 (the fp16 loss scale, 0.17.6) or 1/GA (GA > 1, 0.18.4-0.18.5) "
+    "step0_grads": Signature("step-0 gradient = 65536 (the fp16 loss scale, 0.17.6-0.18.2) or 1/GA (GA > 1, 0.18.3-0.18.5) "
                              "x the reference's along its direction",
                              lambda m, cell: bf16_sgd_step0(m["scale"], m["scale_rtol"], cell),
                              "measured on 0.17.6 (relative L2 6.57e4) and 0.18.5 at GA 4 (scale 0.2500)"),
-    "parity_grad_norm": Signature("grad norm at step 0 = 65536 (0.17.6) or 1/GA (GA > 1, 0.18.4-0.18.5) x the "
+    "parity_grad_norm": Signature("grad norm at step 0 = 65536 (0.17.6-0.18.2) or 1/GA (GA > 1, 0.18.3-0.18.5) x the "
                                   "reference's, or above it from step 1 on as uncleared gradients add up",
                                   lambda m, cell: (m["step"] == 0 and bf16_sgd_step0(m["ratio"], m["rtol"], cell))
                                   or (m["step"] >= 1 and m["ratio"] > 1.0),
@@ -383,7 +404,8 @@ GA_TWICE_SIGNATURES = {
 FINDINGS: list[Deviation] = [
     *(Deviation({"zero_stage": 0, "dtype": "bf16", "fault": None}, name, {"deepspeed": "<0.17.6"}, ZERO0_BF16_ACCESSOR,
                 strict=False, found_by="first fixed deepspeed==0.17.6, last bad 0.17.5 (numerics run --pin on "
-                "0.16.9, 0.17.2, 0.17.4, 0.17.5, 0.17.6; the bisect skips 0.17.6, which fails parity_loss too)",
+                "0.16.9, 0.17.2, 0.17.4, 0.17.5, 0.17.6; the bisect skips 0.17.6, which fails parity_loss too; "
+                "every ZeRO-0 bf16 cell of --full on 0.17.5)",
                 signature=signature)
       for name, signature in ZERO0_BF16_ACCESSOR_SIGNATURES.items()),
     *(Deviation({"zero_stage": 1, "grad_accum": (2, 4), "fault": None}, name, {"deepspeed": ">=0.18.3,<0.19.6"},
@@ -398,8 +420,9 @@ FINDINGS: list[Deviation] = [
       for name in ("step0_grads", "parity_grad_norm", "parity_loss", "learns")),
     *(Deviation({"zero_stage": 0, "dtype": "bf16", "optimizer": "sgd", "fault": None}, name,
                 {"deepspeed": ">=0.17.6,<0.18.6"}, ZERO0_BF16_SGD, strict=False,
-                found_by="first fixed deepspeed==0.18.6, last bad 0.18.5 (numerics bisect from 0.17.6, learns); before "
-                "0.17.6 ZeRO-0 bf16 ran BF16_Optimizer (SGD there not run)",
+                found_by="first fixed deepspeed==0.18.6, last bad 0.18.5 (numerics bisect from 0.17.6, learns; "
+                "numerics run --pin on every release in it: 0.17.6, 0.18.0-0.18.5); before 0.17.6 ZeRO-0 bf16 ran "
+                "BF16_Optimizer: its SGD cells on 0.17.5 show ZERO0_BF16_ACCESSOR only",
                 signature=ZERO0_BF16_SGD_SIGNATURES.get(name))
       for name in ("step0_grads", "parity_grad_norm", "parity_loss", "learns")),
     Deviation({"zero_stage": (1, 2), "fault": None}, "completes", {"deepspeed": ">=0.18.7,<0.19.0"}, SPLIT_VIEW,
