@@ -46,15 +46,28 @@ def test_pytest_skips_with_the_reason(result):
         expect_pass(result)
 
 
+RACE = {"step": 3, "worst": 3e38, "ranks_wrong": 1, "ranks": 2, "steps_wrong": 1, "steps": 16}  # one rank, one step
+
+
 @pytest.mark.parametrize("deepspeed, observed, expected", [
     ("0.19.5", "fail", "xfail"),   # the race showed
     ("0.19.5", "pass", "pass"),    # the race did not show this time: no unexpected pass
     ("0.19.8", "fail", "fail"),    # fixed release: a failure is a failure
 ])
 def test_the_zero3_gather_race_is_known_only_where_measured(deepspeed, observed, expected):
-    race = {"step": 3, "worst": 3e38, "ranks_wrong": 1, "ranks": 2}  # one rank read an unfilled buffer
-    verdicts = [Verdict("gathered_params_match", observed, measured=race if observed == "fail" else {})]
+    verdicts = [Verdict("gathered_params_match", observed, measured=RACE if observed == "fail" else {})]
     deviations.apply(verdicts, RunSpec(zero_stage=3).to_dict(), {"deepspeed": deepspeed})
+    assert verdicts[0].status == expected
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ({"ranks_wrong": 2, "steps_wrong": 1}, "xfail"),    # both ranks hit at one step (the sweep saw it on 3 cells)
+    ({"ranks_wrong": 1, "steps_wrong": 16}, "xfail"),   # one rank at every step
+    ({"ranks_wrong": 2, "steps_wrong": 16}, "fail"),    # every rank at every step: a wrong gather, not the race
+])
+def test_the_gather_race_skips_a_rank_or_a_step(shape, expected):
+    verdicts = [Verdict("gathered_params_match", "fail", measured={**RACE, **shape})]
+    deviations.apply(verdicts, RunSpec(zero_stage=3).to_dict(), {"deepspeed": "0.19.5"})
     assert verdicts[0].status == expected
 
 

@@ -125,3 +125,15 @@ def test_a_further_2x_gradient_bug_in_a_zero0_fp16_cell_fails(run_cell, monkeypa
         assert "by cell and release, but its signature does not hold" in verdict.message
     assert failed["step0_grads"].measured["scale"] == pytest.approx(2 * SCALED, rel=1e-3)
     print(faulty.story())
+
+
+@pytest.mark.parametrize("update_rel, optimizer, expected", [
+    (0.00089, "adamw", "xfail"),  # GA twice at ZeRO-3: Adam hides the 1/GA scale but for its eps (the sweep's figure)
+    (0.05, "adamw", "fail"),      # slices 5% off: more than a gradient scale under Adam, a second bug
+    (0.00089, "sgd", "fail"),     # SGD would step the 1/GA gradient itself: not what the entry measured
+])
+def test_a_trainer_deviation_excuses_zero3_replicas_only_as_adam_hides_it(update_rel, optimizer, expected):
+    spec = RunSpec(driver="trainer", zero_stage=3, grad_accum=4, micro_batch=1, optimizer=optimizer).to_dict()
+    verdict = Verdict("replicas_agree", "fail", "[zero3-fp32-ws2-ga4-trainer] at step 0: rank 0's slices moved", 0,
+                      measured={"step": 0, "update_rel": update_rel, "rtol": 2e-4})
+    assert judged(verdict, spec, {"transformers": "4.47.1", "deepspeed": "0.19.8"}).status == expected

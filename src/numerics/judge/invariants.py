@@ -349,7 +349,8 @@ def partition_updates_agree(trace: Trace, reference: Trace | None) -> Verdict:
                              f"parameter), the reference's same slices by {should:.6g}: relative difference "
                              f"{relative(moved, should):.3g} > {rtol:g} ({trace.spec.get('dtype')}); most off: {worst} "
                              f"{updates[worst]:.6g} vs {reference_updates[worst]:.6g}. The ranks' checksums agree: "
-                             "every rank assembles the same master from the partitions, this one included")
+                             "every rank assembles the same master from the partitions, this one included",
+                             update_rel=relative(moved, should), rtol=rtol)
     return _pass(name, "ZeRO-3: every rank's partitions moved with the reference's same slices")
 
 
@@ -358,14 +359,16 @@ def assert_gathered_params_match(trace: Trace, reference: Trace | None) -> Verdi
     """ZeRO-3: after every step, on every rank, ``GatheredParameters`` shows exactly the fp32
     master in the module's dtype: the weights a forward pass, a user's logging or a 16-bit
     save read. A stale or half-gathered buffer there trains correctly yet saves garbage."""
-    for record in trace.steps:
-        worst = max(record.gathered_errors, default=0.0)
-        if not worst == 0.0:  # NaN included
-            return _fail("gathered_params_match", trace, record.step,
-                         f"GatheredParameters differs from the fp32 master by up to {worst:.3g} "
-                         f"(per rank: {[f'{e:.3g}' for e in record.gathered_errors]}; bit-exact expected)",
-                         worst=worst, ranks_wrong=sum(not e == 0.0 for e in record.gathered_errors),
-                         ranks=len(record.gathered_errors))
+    wrong = [r for r in trace.steps if any(not e == 0.0 for e in r.gathered_errors)]  # NaN included
+    if wrong:
+        record = wrong[0]
+        worst = max(record.gathered_errors)
+        return _fail("gathered_params_match", trace, record.step,
+                     f"GatheredParameters differs from the fp32 master by up to {worst:.3g} "
+                     f"(per rank: {[f'{e:.3g}' for e in record.gathered_errors]}; bit-exact expected; "
+                     f"wrong at {len(wrong)} of {len(trace.steps)} steps)",
+                     worst=worst, ranks_wrong=sum(not e == 0.0 for e in record.gathered_errors),
+                     ranks=len(record.gathered_errors), steps_wrong=len(wrong), steps=len(trace.steps))
     if not any(r.gathered_errors for r in trace.steps):
         return _na("gathered_params_match", "parameters are not partitioned (ZeRO 0-2)")
     return _pass("gathered_params_match")
