@@ -34,16 +34,22 @@ def test_the_processor_is_described_once_and_read_back_after(tmp_path, monkeypat
     assert cpuinfo.get_cpu_info()["flags"] == ["avx2", "fma"] and len(asked) == 2, "the next rank asked py-cpuinfo again"
 
 
+def without_extensions_dir(monkeypatch) -> None:
+    """A private copy of the environment: what ``own_extensions_dir`` sets must not reach the rest of
+    the session (a leaked directory made every later rank of the worker rebuild the ops there)."""
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"})
+
+
 def test_ops_are_built_inside_the_venv_unless_a_directory_is_set(tmp_path, monkeypatch):
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    without_extensions_dir(monkeypatch)
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
     monkeypatch.setattr(sys, "base_prefix", "/usr")
     assert own_extensions_dir() == str(tmp_path / "venv" / "torch_extensions") == os.environ["TORCH_EXTENSIONS_DIR"]
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "overlay"))  # a version overlay's own directory
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "overlay")  # a version overlay's own directory
     assert own_extensions_dir() == str(tmp_path / "overlay")
 
 
 def test_outside_a_venv_torchs_default_directory_stays(monkeypatch):
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    without_extensions_dir(monkeypatch)
     monkeypatch.setattr(sys, "prefix", sys.base_prefix)
     assert own_extensions_dir() is None and "TORCH_EXTENSIONS_DIR" not in os.environ
