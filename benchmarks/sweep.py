@@ -70,14 +70,16 @@ def sweep_release(package: str, release: str, cells: list[RunSpec]) -> dict[str,
 
 
 def outcome(record: dict[str, Any]) -> str:
-    """``pass``, ``xfail (invariants)``, ``fail (invariants)`` or ``cannot run: reason``."""
+    """``pass``, ``xfail (invariants)``, ``fail (invariants)``, both (``fail (a); xfail (b)``: a red
+    cell still shows which known deviations it also matched) or ``cannot run: reason``."""
     status = record["status"]
     if status == "cannot run":
         return f"cannot run: {record['verdicts'][0][2].split('] ', 1)[-1]}"
-    wrong = {"fail": ("fail", "xpass"), "xfail": ("xfail",)}.get(status)
-    if wrong is None:
+    if status not in ("fail", "xfail"):
         return status
-    return f"{status} ({', '.join(name for name, verdict, _ in record['verdicts'] if verdict in wrong)})"
+    groups = {label: [name for name, verdict, _ in record["verdicts"] if verdict in verdicts]
+              for label, verdicts in (("fail", ("fail", "xpass")), ("xfail", ("xfail",)))}
+    return "; ".join(f"{label} ({', '.join(names)})" for label, names in groups.items() if names)
 
 
 def why(record: dict[str, Any]) -> list[str]:
@@ -96,10 +98,9 @@ def rejudged(row: dict[str, Any], spec: RunSpec) -> tuple[str, list[Deviation]]:
     text = row["cells"].get(spec.cell_id, "-")
     if text.startswith("cannot run"):
         return "cannot run", []  # its reason is listed below the table
-    status, _, names = text.partition(" (")
-    if status not in ("fail", "xfail"):
+    if not text.startswith(("fail (", "xfail (")):
         return text, []
-    failed = names.rstrip(")").split(", ")
+    failed = [name for part in text.split("; ") for name in part.partition(" (")[2].rstrip(")").split(", ")]
     said = "\n".join(row.get("why", {}).get(spec.cell_id, []))  # what the failures said: a crash's last line too
     known = {name: deviations.find(spec.to_dict(), name, row["versions"] or {}, said) for name in failed}
     red = [name for name in failed if known[name] is None]
