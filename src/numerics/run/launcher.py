@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
-import gc
 import multiprocessing as mp
 import os
 import queue
@@ -163,10 +162,6 @@ def start_rank(world_size: int, device: int, backend: str,
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     if backend == "gloo":
         release_shm_workspace()
-    # What is loaded by now (torch, DeepSpeed, transformers...) lives as long as the rank: keep the
-    # collector from scanning it again. The Trainer calls gc.collect() at every start
-    # (accelerate's free_memory), which took 0.7 s of a 3.9 s Trainer cell.
-    gc.freeze()
     return run_metadata(backend, world_size, lifted)
 
 
@@ -232,6 +227,7 @@ class RankPool:
         self._lifeline: Connection | None = None  # its end-of-file tells the ranks this process is gone
         self._stack_dir = Path(tempfile.mkdtemp(prefix="numerics-stacks-"))
         self._counter = 0
+        self._in_flight: tuple[int, RunSpec, float] | None = None  # the cell submitted: number, spec, when
         self.generation = 0  # how many times the ranks were (re)started
 
     # -- lifecycle -------------------------------------------------------------------
@@ -299,16 +295,28 @@ class RankPool:
     # -- running cells ----------------------------------------------------------------
     def run(self, spec: RunSpec) -> CellOutcome:
         """Run one cell on every rank; never raises for a failing cell, only reports it."""
+        self.submit(spec)
+        return self.collect()
+
+    def submit(self, spec: RunSpec) -> None:
+        """Hand one cell to every rank (starting them first if need be) and return at once;
+        `collect` waits for its outcome. Raises `PoolStartError` if the ranks cannot start."""
         if spec.world_size != self.world_size:
             raise ValueError(f"{spec.cell_id} wants world size {spec.world_size}, this pool has {self.world_size}")
         if not self.alive:
             self._stop(dump_stacks=False)
             self.start()
         self._counter += 1
-        started = time.monotonic()
+        self._in_flight = (self._counter, spec, time.monotonic())
         for tasks in self._tasks:
             tasks.put((self._counter, spec))
-        replies = self._collect(self._counter, spec.timeout_s)
+
+    def collect(self) -> CellOutcome:
+        """The outcome of the cell `submit` handed out, within its timeout counted from then;
+        never raises for a failing cell, only reports it."""
+        number, spec, started = self._in_flight
+        self._in_flight = None
+        replies = self._collect(number, started + spec.timeout_s - time.monotonic())
         died = self._dead_without_reply(replies)
         outcome = outcome_of(spec, replies, self.world_size, time.monotonic() - started, died)
         if outcome.error is not None:
@@ -367,13 +375,16 @@ class RankPool:
 
 
 PER_RANK_FIELDS = ("param_checksums", "gathered_errors", "partition_updates")  # StepRecord lists that hold this rank's value only
+PER_RANK_META = ("peak_rss_mib", "modules_left")  # what each rank measured of its own process (drivers.run_cell)
 
 
 def merge_rank_traces(traces: list[Trace]) -> Trace:
     """Rank 0's trace, with every rank's value of each per-rank field per step, and every rank's
-    peak resident memory (``meta["peak_rss_mib_per_rank"]``: rank 0's alone would hide the others')."""
+    figure of each per-rank measurement (``meta["peak_rss_mib_per_rank"]``...: rank 0's alone
+    would hide the others')."""
     merged = traces[0]
-    merged.meta["peak_rss_mib_per_rank"] = [trace.meta.pop("peak_rss_mib", None) for trace in traces]
+    for name in PER_RANK_META:
+        merged.meta[f"{name}_per_rank"] = [trace.meta.pop(name, None) for trace in traces]
     for index, record in enumerate(merged.steps):
         for name in PER_RANK_FIELDS:
             setattr(record, name, [value for trace in traces

@@ -13,7 +13,10 @@ imports it again where a cell needs it, and that cell reports the error.
 from importlib import import_module
 
 RANK_MODULES = ("torch", "transformers", "peft", "numerics.run.drivers", "numerics.run.train",
-                "numerics.run.trainer_driver", "numerics.run.lora")
+                "numerics.run.trainer_driver", "numerics.run.lora",
+                # DeepSpeed's Muon optimizer, imported by every engine's optimizer check (0.17.6 on),
+                # wraps a function in torch.compile at import, which loads inductor: 0.9 s a rank
+                "torch._inductor.compile_fx")
 
 for _name in RANK_MODULES:
     try:

@@ -11,7 +11,7 @@ import signal
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from numerics.cell.spec import RunSpec
 from numerics.judge import deviations
@@ -185,25 +185,42 @@ class PoolSet:
         self.worker = worker  # pytest-xdist worker index: with GPUs, each worker takes its own block
         self.pools: dict[int, RankPool] = {}
 
-    def run(self, spec: RunSpec) -> CellResult:
-        pool = self.pools.get(spec.world_size)
-        if pool is None:
-            self.close()  # one pool alive at a time: ranks of idle pools would compete for 2 cores
-            pool = self.pools[spec.world_size] = RankPool(spec.world_size, self.backend, self.worker * GPUS_PER_WORKER)
-        try:
-            outcome = pool.run(spec)
-        except PoolStartError as err:  # this cell fails with every attempt's story; the next one starts the pool again
-            outcome = CellOutcome(spec, error=str(err))
-        return evaluate(outcome)
+    def pool(self, world_size: int) -> RankPool:
+        """The pool of this world size, made on first use; one pool alive at a time: ranks of
+        idle pools would compete for 2 cores."""
+        if (pool := self.pools.get(world_size)) is None:
+            self.close()
+            pool = self.pools[world_size] = RankPool(world_size, self.backend, self.worker * GPUS_PER_WORKER)
+        return pool
 
-    def run_all(self, specs: Iterable[RunSpec], on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
-        results = []
-        for spec in sorted(specs, key=lambda s: s.world_size):  # each pool starts once
-            result = self.run(spec)
-            results.append(result)
-            if on_result:
-                on_result(result)
-        return results
+    def submit(self, spec: RunSpec) -> Callable[[], CellOutcome]:
+        """Hand ``spec`` to its pool's ranks and return what waits for its outcome. A pool that
+        cannot start fails this cell with every attempt's story; the next cell starts it again."""
+        pool = self.pool(spec.world_size)
+        try:
+            pool.submit(spec)
+        except PoolStartError as err:
+            failed = CellOutcome(spec, error=str(err))
+            return lambda: failed
+        return pool.collect
+
+    def run(self, spec: RunSpec) -> CellResult:
+        return evaluate(self.submit(spec)())
+
+    def run_all(self, specs: Iterable[RunSpec], on_submit: Callable[[RunSpec], None] | None = None) -> Iterator[CellResult]:
+        """The cells' results in world-size order (each pool starts once), each cell judged while
+        the ranks train the next: the parent's share of a cell (its reference run, the invariants,
+        whatever the caller does with the result) then costs no wall time of its own."""
+        collected: CellOutcome | None = None
+        for spec in sorted(specs, key=lambda s: s.world_size):
+            waiting = self.submit(spec)
+            if on_submit:
+                on_submit(spec)
+            if collected is not None:
+                yield evaluate(collected)
+            collected = waiting()
+        if collected is not None:
+            yield evaluate(collected)
 
     def close(self) -> None:
         for pool in self.pools.values():

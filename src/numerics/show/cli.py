@@ -37,11 +37,9 @@ def run_cells(specs: list[RunSpec], backend: str | None, console: Console) -> li
     with Progress(*columns, console=console, transient=False) as progress, PoolSet(backend) as pools:
         task = progress.add_task("matrix", total=len(specs))
         try:
-            for spec in sorted(specs, key=lambda s: s.world_size):
-                progress.update(task, description=f"running {spec.cell_id}")
-                result = pools.run(spec)
+            for result in pools.run_all(specs, lambda spec: progress.update(task, description=f"running {spec.cell_id}")):
                 results.append(result)
-                progress.console.print(f"{result.status:5s} {spec.cell_id}  ({result.outcome.wall_s:.1f}s)", highlight=False)
+                progress.console.print(f"{result.status:5s} {result.spec.cell_id}  ({result.outcome.wall_s:.1f}s)", highlight=False)
                 progress.advance(task)
         except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the report still holds what finished
             progress.console.print(f"[bold yellow]interrupted ({stop or 'Ctrl-C'}) after {len(results)} of "

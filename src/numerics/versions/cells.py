@@ -151,9 +151,10 @@ def _run_payload(payload: dict[str, Any]) -> list[dict[str, Any]]:
     modules, host_versions = imported_from(), package_versions()
     specs = [RunSpec.from_dict(d) for d in payload["specs"]]
     results: list[Any] = [None] * len(specs)
+    order = sorted(range(len(specs)), key=lambda i: specs[i].world_size)  # run_all's order: each pool starts once
     with PoolSet(payload.get("backend"), payload.get("worker", 0)) as pools:
-        for index in sorted(range(len(specs)), key=lambda i: specs[i].world_size):  # each pool starts once
-            results[index] = pools.run(specs[index])
+        for index, result in zip(order, pools.run_all(specs[i] for i in order)):
+            results[index] = result
     return [_record_of(r, host_versions, modules) for r in results]
 
 
