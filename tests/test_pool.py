@@ -7,6 +7,7 @@ import pytest
 from conftest import PROBE, descendants
 
 from numerics.run.launcher import RankPool
+from numerics.run.runner import PoolSet
 
 pytestmark = pytest.mark.multigpu
 
@@ -107,3 +108,21 @@ def test_ranks_exit_when_the_parent_is_killed(busy):
     while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not any(alive(pid) for pid in ranks), f"ranks {ranks} outlived their killed parent"
+
+
+def test_run_all_judges_each_cell_while_the_ranks_train_the_next(monkeypatch):
+    """The parent's share of a cell (reference run, invariants) overlaps the next cell's training:
+    cell i is judged after cell i+1 went to the ranks and before the parent waits for it."""
+    events = []
+
+    def submit(self, spec):
+        events.append(("submit", spec.seed))
+        return lambda: events.append(("collect", spec.seed)) or spec
+
+    monkeypatch.setattr(PoolSet, "submit", submit)
+    monkeypatch.setattr("numerics.run.runner.evaluate", lambda spec: events.append(("judge", spec.seed)) or spec)
+    specs = [PROBE.with_(seed=seed) for seed in range(3)]
+    assert [spec.seed for spec in PoolSet().run_all(specs)] == [0, 1, 2]
+    assert events == [("submit", 0), ("collect", 0), ("submit", 1), ("judge", 0), ("collect", 1),
+                      ("submit", 2), ("judge", 1), ("collect", 2), ("judge", 2)]
+
