@@ -10,10 +10,13 @@ import time
 import pytest
 from conftest import descendants
 
+from numerics.cell import matrix
+
 pytestmark = pytest.mark.multigpu
 
 # Three cheap default cells: SIGTERM lands after the first, before the last.
 CELLS = ["zero0-fp32-ws2", "zero1-fp32-comm_fp32-ws2", "zero2-fp32-comm_fp16-ws2"]
+RUN_CELLS = "zero[0-2]-fp32-*ws2"  # numerics run's selection: 12 cells, of which one job or two finish a few
 
 
 def terminate_after_first_cell(command: list[str], finished: str) -> tuple[subprocess.Popen, str, set[int]]:
@@ -40,14 +43,17 @@ def assert_ranks_ended(ranks: set[int]) -> None:
     assert not ranks & descendants(1), f"processes {sorted(ranks & descendants(1))} outlived the stopped run"
 
 
-def test_numerics_run_writes_the_partial_report(tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_numerics_run_writes_the_partial_report(jobs, tmp_path):
+    """With --jobs 2 the parent stops both jobs, each writes its part, and the parts are merged."""
     process, output, ranks = terminate_after_first_cell(
-        [sys.executable, "-m", "numerics.show.cli", "run", "--cells", "zero[0-2]-fp32-*ws2", "--report", str(tmp_path)],
-        "pass  zero0")
+        [sys.executable, "-m", "numerics.show.cli", "run", "--jobs", jobs, "--cells", RUN_CELLS,
+         "--report", str(tmp_path)],
+        "pass  zero0-fp32-ws2  (")
     assert process.returncode == 130, output[-3000:]
     assert "interrupted (signal SIGTERM)" in output
-    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
-    assert 1 <= len(cells) < len(CELLS) and cells[0]["status"] == "pass", [c["cell"] for c in cells]
+    cells = {c["cell"]: c["status"] for c in json.loads((tmp_path / "results.json").read_text())["cells"]}
+    assert 1 <= len(cells) < len(matrix.cells(pattern=RUN_CELLS)) and cells.get("zero0-fp32-ws2") == "pass", cells
     assert_ranks_ended(ranks)
 
 

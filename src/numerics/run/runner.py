@@ -166,6 +166,9 @@ def _with_deviations(verdicts: list[Verdict], cell_id: str, fields: dict, versio
     return verdicts
 
 
+INTERRUPTED_EXIT = 130  # what a run stopped by Ctrl-C or SIGTERM exits with, as a shell reports Ctrl-C
+
+
 def interrupt_on_sigterm() -> None:
     """Make SIGTERM (a CI job cancelled, a runner shutting down) end the run as Ctrl-C does:
     pools close, their ranks end, and the report is written with the cells that finished.

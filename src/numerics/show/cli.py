@@ -16,11 +16,10 @@ from numerics.cell import matrix
 from numerics.cell.spec import RunSpec
 from numerics.judge import golden
 from numerics.run.launched import add_arguments as add_launched_arguments
-from numerics.run.runner import CellResult, PoolSet, interrupt_on_sigterm
+from numerics.run.runner import INTERRUPTED_EXIT, CellResult, PoolSet, interrupt_on_sigterm
 from numerics.show import shard
 from numerics.show.report import print_report, write_report
 
-INTERRUPTED_EXIT = 130  # as a shell reports a command ended by Ctrl-C
 
 
 def make_console() -> Console:
@@ -69,6 +68,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.pin:
         return run_with_pins(args, specs, console)
     console.print(f"{len(specs)} cells (cover {args.cover}{'' if args.cover == 'full' else '; --full for every product'})")
+    if args.jobs > 1:
+        if args.shard:
+            console.print("error: --jobs splits the selection into shards itself; drop --shard")
+            return 2
+        from numerics.show.jobs import run_jobs
+        from numerics.versions.combinations import without_options
+
+        return run_jobs(without_options(run_arguments(args), ("--jobs", "--report")), args.jobs, len(specs),
+                        Path(args.report), console)
     results = run_cells(specs, args.backend, console)
     if args.golden:
         for result in results:
@@ -274,6 +282,12 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if all(row.ok for row in rows) else 1
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def shard_arg(text: str) -> shard.Shard:
     try:
         return shard.Shard.parse(text)
@@ -313,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="run inside the environment for these releases (repeatable; exit 3: cannot build)")
     run.add_argument("--shard", type=shard_arg, metavar="I/N",
                      help="run only the I-th of N cost-balanced slices of the selection (1-based)")
+    run.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+                     help="run the selection as N shards at once, each with its own rank pool, then merge "
+                          "(CPU: 2 fills 2 cores; not with GPUs, which every job would share)")
     run.set_defaults(func=cmd_run, argv=sys.argv[1:] if argv is None else argv)
     report = sub.add_parser("report", help="re-render report.html from results.json, or merge shards into one report")
     report.add_argument("directory", nargs="?", default="reports/latest", help="a report directory (results.json)")
