@@ -1,7 +1,9 @@
 """Cells per minute three ways, and where a cell's time goes, in one run.
 
 The same cells of the default matrix run (1) through one persistent pool, (2) with a fresh
-spawn per cell, and (3) as pytest tests, serially and with ``-n 2`` pytest-xdist workers.
+spawn per cell: new interpreters (what a harness without a pool pays, torchrun or mp.spawn per
+test), and new forks of the pool's preloaded server (what a pool rebuilt after a failed cell
+pays), and (3) as pytest tests, serially and with ``-n 2`` pytest-xdist workers.
 For the pool it splits each cell's wall time, per ZeRO stage, into building the engine,
 its training steps, the rest on the rank (reference-free checks, teardown), hand-off
 between processes, and the parent's verdicts (reference run included). Usage:
@@ -52,10 +54,10 @@ def through_pool(specs: list[RunSpec]) -> tuple[float, dict[int, dict[str, list[
         return time.perf_counter() - started, parts
 
 
-def fresh_spawns(specs: list[RunSpec]) -> float:
+def fresh_spawns(specs: list[RunSpec], interpreters: bool) -> float:
     started = time.perf_counter()
     for spec in specs:
-        with RankPool(spec.world_size) as pool:
+        with RankPool(spec.world_size, fresh=interpreters) as pool:
             assert pool.run(spec).ok
     return time.perf_counter() - started
 
@@ -76,11 +78,12 @@ def main() -> None:
     args = parser.parse_args()
     specs = sample(args.cells)
     pooled, parts = through_pool(specs)
-    spawned = fresh_spawns(specs[: args.spawned])
     print(f"{len(specs)} cells: {', '.join(s.cell_id for s in specs)}")
     print(f"pool (warm):          {per_minute(len(specs), pooled)}")
-    print(f"fresh spawn per cell: {per_minute(args.spawned, spawned)}")
-    print(f"pool / fresh spawn:   {(spawned / args.spawned) / (pooled / len(specs)):6.1f}x")
+    for interpreters, what in ((True, "new interpreters"), (False, "forks of the server")):
+        spawned = fresh_spawns(specs[: args.spawned], interpreters)
+        print(f"fresh spawn per cell, {what}: {per_minute(args.spawned, spawned)}, "
+              f"the pool {(spawned / args.spawned) / (pooled / len(specs)):.1f}x faster")
     for workers in (0, 2):
         print(f"pytest -n {workers}:          {per_minute(len(specs), under_pytest(specs, workers))} (pool start included)")
     print("\nwhere a pooled cell's time goes (median seconds, share of the cell)")

@@ -1,6 +1,7 @@
 """Helpers several test files share: a healthy hand-made trace and cell result, the pool's
 probe cell, and the processes under a pid (from /proc: psutil is not a dependency)."""
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,23 @@ def descendants(pid: int) -> set[int]:
             found.add(child)
             todo.append(child)
     return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: a zombie has exited, only its entry is left."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def outlive(pids: set[int], seconds: float) -> set[int]:
+    """Which of ``pids`` still run after waiting up to ``seconds`` for them all to end."""
+    deadline = time.monotonic() + seconds
+    while (running := {pid for pid in pids if alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return running
 
 
 def children() -> dict[int, str]:

@@ -1,10 +1,12 @@
 """``numerics run --jobs N``: the selection split into N shards run at once, merged into one
 report with the same verdicts and traces as one run; bad combinations refused up front."""
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
+from conftest import descendants, outlive
 
 CELLS = "zero0-fp32-*ws2"  # ZeRO-0 fp32 with each communication dtype: a second each
 
@@ -42,3 +44,20 @@ def test_bad_job_counts_are_refused(arguments, message, tmp_path):
     done = numerics_run(*arguments, "--cells", CELLS, "--report", str(tmp_path))
     assert done.returncode == 2 and message in done.stdout + done.stderr, done.stdout + done.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.multigpu
+def test_jobs_stop_when_their_parent_is_killed(tmp_path):
+    """A parent killed with SIGKILL cannot stop its jobs: each notices, ends as if interrupted
+    (its pool and ranks with it) and leaves its partial report, instead of dying of a broken
+    pipe at its next line of output with nothing written."""
+    parent = subprocess.Popen([sys.executable, "-m", "numerics.show.cli", "run", "--jobs", "2", "--cells", "zero3-*-ws2*",
+                               "--report", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = next(line for line in parent.stdout if "[job " in line)  # a pool runs: jobs, fork servers, ranks
+    tree = descendants(parent.pid)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    assert not outlive(tree, 30), f"still running 30 s after their parent was killed (after {first!r})"
+    for job in (1, 2):
+        partial = json.loads((tmp_path / "jobs" / str(job) / "results.json").read_text())
+        assert len(partial["cells"]) < 24, f"job {job} ran its whole shard"

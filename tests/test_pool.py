@@ -4,7 +4,7 @@ fp32 is reproducible; a closed pool leaves no process or file behind."""
 import os
 
 import pytest
-from conftest import PROBE, descendants
+from conftest import PROBE, descendants, outlive
 
 from numerics.run.launcher import RankPool
 from numerics.run.runner import PoolSet
@@ -95,19 +95,7 @@ def test_ranks_exit_when_the_parent_is_killed(busy):
     time.sleep(4 if busy else 0)  # well into the cell: built, stepping, one rank hung
     parent.send_signal(signal.SIGKILL)
     parent.wait()
-    deadline = time.monotonic() + 30
-
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited; only its entry is left
-            return stat.read().split()[2] != "Z"
-
-    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not any(alive(pid) for pid in ranks), f"ranks {ranks} outlived their killed parent"
+    assert not outlive(set(ranks), 30), f"ranks {ranks} outlived their killed parent"
 
 
 def test_run_all_judges_each_cell_while_the_ranks_train_the_next(monkeypatch):

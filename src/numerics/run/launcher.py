@@ -35,6 +35,7 @@ from numerics.judge.trace import Trace
 ERROR_GRACE_S = 3.0  # after one rank fails, how long the others get to report before they are stopped
 START_TIMEOUT_S = 300.0  # importing DeepSpeed and building its CPU comm op on a cold machine
 STACK_DUMP_WAIT_S = 1.0
+CLOSE_GRACE_S = 10.0  # how long idle ranks of a pool being closed get to leave before they are killed
 QUEUE_POLL_S = 1.0  # how often the parent, waiting for replies, checks that every rank still lives
 # After a rank dies without replying, how long the queue is still read: what a rank sent just
 # before it ended is still in flight (a rank may exit right after its reply).
@@ -179,13 +180,14 @@ def reply_for(spec: RunSpec, rank: int, meta: dict[str, Any]) -> tuple[str, Any]
         return "error", traceback.format_exc()
 
 
-def rank_context(backend: str) -> Any:
+def rank_context(backend: str, fresh: bool = False) -> Any:
     """Gloo ranks are forks of a server that imported `numerics.run.preload` (multiprocessing's
     "forkserver": one per parent process, started with its first pool): a pool starts in ~1 s
     of imports instead of ~5, and nothing is forked from a parent that may hold threads. NCCL
     ranks are spawned fresh: a CUDA driver that any import initialised in the server would be
-    unusable in its forks."""
-    if backend == "nccl":
+    unusable in its forks. ``fresh`` spawns gloo ranks too: what a pool saves, measured
+    (benchmarks/throughput.py)."""
+    if backend == "nccl" or fresh:
         return mp.get_context("spawn")
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["numerics.run.preload"])
@@ -214,13 +216,14 @@ def exit_with_owner(lifeline: Connection) -> None:
 class RankPool:
     """``world_size`` ranks on one backend, started lazily and rebuilt after a failure."""
 
-    def __init__(self, world_size: int, backend: str | None = None, device_offset: int = 0) -> None:
+    def __init__(self, world_size: int, backend: str | None = None, device_offset: int = 0, fresh: bool = False) -> None:
+        """``fresh``: ranks are new interpreters (`rank_context`), not forks of the preloaded server."""
         from numerics.run.platform import choose_backend
 
         self.world_size = world_size
         self.backend = backend or choose_backend(world_size)
         self.device_offset = device_offset  # first GPU of this pool: pytest-xdist workers get disjoint GPUs
-        self._context = rank_context(self.backend)
+        self._context = rank_context(self.backend, fresh)
         self._processes: list[Any] = []
         self._tasks: list[Any] = []
         self._results: Any = None
@@ -273,13 +276,16 @@ class RankPool:
             raise PoolStartError(f"port {port}:\n" + "\n".join(parts) + stacks)
 
     def close(self) -> None:
+        """Let idle ranks leave on their own (up to `CLOSE_GRACE_S`); a cell still in flight
+        (closed on Ctrl-C or SIGTERM) is abandoned at once, its ranks killed: nobody waits for it."""
         if self._processes:
             for tasks in self._tasks:
                 tasks.put(None)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + (0 if self._in_flight else CLOSE_GRACE_S)
             for process in self._processes:
                 process.join(max(0.1, deadline - time.monotonic()))
             self._stop(dump_stacks=False)
+        self._in_flight = None
         shutil.rmtree(self._stack_dir, ignore_errors=True)
 
     def __enter__(self) -> RankPool:
@@ -315,8 +321,8 @@ class RankPool:
         """The outcome of the cell `submit` handed out, within its timeout counted from then;
         never raises for a failing cell, only reports it."""
         number, spec, started = self._in_flight
-        self._in_flight = None
         replies = self._collect(number, started + spec.timeout_s - time.monotonic())
+        self._in_flight = None  # not before: a pool closed while it waits (Ctrl-C) abandons the cell
         died = self._dead_without_reply(replies)
         outcome = outcome_of(spec, replies, self.world_size, time.monotonic() - started, died)
         if outcome.error is not None:

@@ -61,6 +61,10 @@ def selected(args: argparse.Namespace, console: Console) -> list[RunSpec]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     console = make_console()
+    if args.exit_with_parent:  # a job of `run --jobs`
+        from numerics.show.jobs import exit_with_parent
+
+        exit_with_parent(sys.stdin.fileno())
     if not (specs := selected(args, console)):
         return 2
     if args.versions:
@@ -327,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="run inside the environment for these releases (repeatable; exit 3: cannot build)")
     run.add_argument("--shard", type=shard_arg, metavar="I/N",
                      help="run only the I-th of N cost-balanced slices of the selection (1-based)")
+    run.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # jobs.exit_with_parent
     run.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                      help="run the selection as N shards at once, each with its own rank pool, then merge "
                           "(CPU: 2 fills 2 cores; not with GPUs, which every job would share)")

@@ -6,10 +6,14 @@ pool's ranks fill that time: the default matrix took 224 s instead of 276 s on t
 (2026-12-02). Each job is the plain run path, interrupt and partial report included, so a job
 adds no new way to fail: its cells' lines stream through this process's progress bar, its whole
 output goes to ``DIR/jobs/I/output.txt``, and whatever the jobs wrote is merged on Ctrl-C or
-SIGTERM too. Not for GPUs: every job's pools would take the same devices.
+SIGTERM too. A job also stops that way by itself when this process is gone, even killed with
+SIGKILL: its stdin is a pipe only this process writes, and end-of-file there is the signal
+(`exit_with_parent`), as the ranks' lifeline is for their pool. Not for GPUs: every job's pools
+would take the same devices.
 """
 from __future__ import annotations
 
+import os
 import queue
 import re
 import signal
@@ -29,9 +33,29 @@ CELL_LINE = re.compile(r"^(pass|fail|xfail|cannot run|cannot build)\s+\S+\s+\(")
 
 
 def job_command(arguments: list[str], job: int, jobs: int, directory: Path) -> list[str]:
-    """The ``numerics run`` of one job: the user's selection, its shard, its own report directory."""
+    """The ``numerics run`` of one job: the user's selection, its shard, its own report directory,
+    and `exit_with_parent`."""
     return [sys.executable, "-m", "numerics.show.cli", "run", *arguments, "--shard", f"{job}/{jobs}",
-            "--report", str(directory)]
+            "--report", str(directory), "--exit-with-parent"]
+
+
+def exit_with_parent(lifeline: int) -> None:
+    """Interrupt this job once the process that started it is gone, however it ended: a daemon
+    thread reads the file descriptor ``lifeline`` (stdin, a pipe only the parent writes, never) to
+    end-of-file, then silences the output nobody reads any more and sends this process SIGTERM,
+    which ends it as Ctrl-C does: its pool closes, its ranks end, its partial report is written.
+    It reads the descriptor, not ``sys.stdin``: a thread blocked inside the buffered reader holds
+    its lock, and the interpreter aborts on that lock at exit."""
+
+    def watch() -> None:
+        while os.read(lifeline, 1024):
+            pass
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def relay(job: int, stream: IO[str], log: Path, lines: queue.SimpleQueue) -> None:
@@ -52,8 +76,8 @@ def run_jobs(arguments: list[str], jobs: int, total: int, directory: Path, conso
     processes = []
     for job, job_dir in enumerate(dirs, 1):
         job_dir.mkdir(parents=True, exist_ok=True)
-        process = subprocess.Popen(job_command(arguments, job, jobs, job_dir), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(job_command(arguments, job, jobs, job_dir), stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=relay, args=(job, process.stdout, job_dir / "output.txt", lines), daemon=True).start()
         processes.append(process)
     interrupted = follow(lines, jobs, total, console, processes)
