@@ -118,6 +118,7 @@ TARGET = frozenset({("c", "parity_loss")})
     ([("completes", "pass"), ("parity_loss", "pass")], "pass", "good"),
     ([("completes", "fail")], "fail", "skip"),  # raised: another reason than the bisected one
     ([("completes", "pass"), ("parity_loss", "pass"), ("finite", "fail")], "fail", "skip"),
+    ([("completes", "pass"), ("parity_loss", "pass"), ("finite", "xfail")], "xfail", "good"),  # explained: hides nothing
     ([("completes", "cannot run")], "cannot run", "skip"),
     ([("completes", "cannot build")], "cannot build", "skip"),
 ])
@@ -235,6 +236,13 @@ def test_the_fault_cells_clean_twins_can_be_selected_and_run_again():
 def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
     assert main(["bisect", *argv]) == 2
     assert message in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_invariants_every_cell_is_held_to_can_be_bisected(capsys):
+    """``engine_released`` and ``memory_bounded`` judge every cell without being declared by it."""
+    assert main(["bisect", "peft", "--good", "0.6.2", "--bad", "0.7.0", "--cells", "zero3-fp32-ws2", "--invariant", "bogus"]) == 2
+    held = " ".join(capsys.readouterr().out.split()).split("they hold ")[1].split(", ")
+    assert {"engine_released", "memory_bounded", "finite"} <= set(held), held
 
 
 @needs_index

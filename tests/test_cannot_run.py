@@ -110,3 +110,29 @@ def test_a_bf16_cell_on_a_gpu_without_bf16_cannot_run(monkeypatch):
         require_bf16_on_gpu(RunSpec(dtype="fp16", comm_dtype="bf16"), {"backend": "nccl"})
     require_bf16_on_gpu(RunSpec(dtype="fp16"), {"backend": "nccl"})  # fp16 needs nothing on a GPU
     require_bf16_on_gpu(RunSpec(dtype="bf16"), {"backend": "gloo"})  # torch computes bf16 on any CPU
+
+
+def sweep_module():
+    """benchmarks/sweep.py, a script, loaded as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep.py"
+    loader = importlib.util.spec_from_file_location("sweep", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kept, expected", [
+    ({"gathered_params_match": RACE}, "xfail (gathered_params_match)"),  # the race's signature
+    ({"gathered_params_match": {**RACE, "ranks_wrong": 2, "steps_wrong": 16}}, "fail (gathered_params_match)"),  # a wrong gather
+    (None, "xfail (gathered_params_match)"),  # a row recorded without figures: by cell and release only
+])
+def test_the_sweep_table_rejudges_a_failure_by_its_signature(kept, expected):
+    spec = RunSpec(zero_stage=3)
+    row = {"versions": {"deepspeed": "0.19.5"}, "cells": {spec.cell_id: "fail (gathered_params_match)"}, "why": {}}
+    if kept is not None:
+        row["measured"] = {spec.cell_id: kept}
+    text, _ = sweep_module().rejudged(row, spec)
+    assert text == expected

@@ -13,8 +13,18 @@ INVARIANT_NAMES = (
     "step0_grads", "grad_norm_agrees", "replicas_agree", "gathered_params_match",
     "adapter_dtype_policy", "frozen_base_unchanged", "adapters_learn", "merged_logits_match",
     "resume_matches", "epoch_continuity", "eval_present", "overfits", "supervised_tokens",
-    "logged_matches", "memory_bounded",
+    "logged_matches", "memory_bounded", "engine_released",
 )
+
+# Held by every cell, whatever invariants it declares: memory is no numerics property a cell may
+# opt out of, and a persistent rank carries what one cell leaks into every cell after it.
+EVERY_CELL_INVARIANTS = ("memory_bounded", "engine_released")
+
+
+def held_by(invariants: tuple[str, ...]) -> tuple[str, ...]:
+    """What a cell that declares ``invariants`` is judged by: those, then every cell's own."""
+    return invariants + tuple(name for name in EVERY_CELL_INVARIANTS if name not in invariants)
+
 
 # The invariants a cell is held to unless it says otherwise.
 DEFAULT_INVARIANTS = (

@@ -601,6 +601,26 @@ def assert_memory_bounded(trace: Trace, reference: Trace | None) -> Verdict:
     return _pass("memory_bounded", f"peak {peaks[worst]:.0f} MiB (rank {worst}) <= {bound:g} MiB")
 
 
+@invariant("engine_released", per_step=False)
+def assert_engine_released(trace: Trace, reference: Trace | None) -> Verdict:
+    """Every rank freed the cell's model once it ended (``modules_left_per_rank``, counted after the
+    engine's ``destroy()`` and a collection): whatever still holds a module holds the engine around
+    it, and keeps every engine a process builds (a sweep, a notebook, a persistent rank). DeepSpeed
+    up to 0.16.2 does at ZeRO-3: its optimizer's list of AccumulateGrad nodes holds the parameters from
+    C++, a cycle the collector cannot see. Counted after the rank drops the two holders every release
+    from 0.14.5 to 0.19.8 shares (`drivers.release_zero3_leftovers`), so a new one shows."""
+    left = trace.meta.get("modules_left_per_rank")
+    if not left or None in left:
+        return _na("engine_released", f"modules left alive not counted on every rank ({left})")
+    worst = max(range(len(left)), key=left.__getitem__)
+    if left[worst]:
+        return _fail("engine_released", trace, None,
+                     f"rank {worst} still holds {left[worst]} torch modules of the cell after it ended (engine "
+                     f"destroyed, collector run): each engine this process builds stays; per rank: {left}",
+                     modules_left=float(left[worst]))
+    return _pass("engine_released", f"no module of the cell left alive on {len(left)} ranks")
+
+
 def missing_evidence(trace: Trace) -> str | None:
     """Why the trace holds too few steps for a per-step invariant to mean anything, or None.
 

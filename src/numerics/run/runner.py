@@ -13,6 +13,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+from numerics.cell.invariant_sets import held_by
 from numerics.cell.spec import RunSpec
 from numerics.judge import deviations
 from numerics.judge.expected_na import judge_na
@@ -23,9 +24,6 @@ from numerics.run.platform import package_versions
 from numerics.run.reference import reference_trace
 
 CANNOT = ("cannot build", "cannot run")  # a cell that never trained: neither a pass nor a numerics failure
-# Held by every cell, whatever invariants it declares: memory is no numerics property a cell may
-# opt out of, and a persistent rank carries what one cell leaks into every cell after it.
-EVERY_CELL_INVARIANTS = ("memory_bounded",)
 V = TypeVar("V")
 # With GPUs, pytest-xdist worker w owns GPUs [4w, 4w + 4): the largest world size of the matrix,
 # so a worker's ws2 pool never lands on another worker's ws4 block. Run GPUs / 4 workers.
@@ -143,7 +141,7 @@ def evaluate(outcome: CellOutcome) -> CellResult:
         reference = reference_trace(spec, trace)
     except Exception:
         return CellResult(outcome, [Verdict("completes", "pass"), _raised("reference", spec.cell_id)])
-    names = spec.invariants + tuple(name for name in EVERY_CELL_INVARIANTS if name not in spec.invariants)
+    names = held_by(spec.invariants)
     try:
         verdicts = [Verdict("completes", "pass")] + judge_na(check(trace, reference, names), spec)
     except Exception:

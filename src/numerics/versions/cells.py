@@ -94,7 +94,8 @@ def run_cells_in(environment: Environment, specs: list[Any], timeout: float = 90
 
     Verdicts are evaluated in the subprocess (the reference run uses the same releases as
     the ranks). One JSON record per spec, in the order given: ``cell``, ``status``,
-    ``verdicts`` ([invariant, status, message]), ``versions`` (what the ranks reported),
+    ``verdicts`` ([invariant, status, message]), ``measured`` (the figures each verdict was judged
+    by, by invariant: what a known deviation's signature is checked against), ``versions`` (what the ranks reported),
     ``host_versions`` and ``modules`` (what the subprocess imported, and from where),
     ``losses``, ``adapter`` facts and ``error``. ``backend`` and ``worker`` go to the
     `PoolSet` (see numerics.show.plugin).
@@ -131,6 +132,7 @@ def _record_of(result: Any, host_versions: dict[str, str | None], modules: dict[
         "cell": result.spec.cell_id,
         "status": result.status,
         "verdicts": [[v.invariant, v.status, v.message] for v in result.verdicts],
+        "measured": {v.invariant: v.measured for v in result.verdicts if v.measured},
         "versions": meta.get("versions"),
         "host_versions": host_versions,
         "modules": modules,
