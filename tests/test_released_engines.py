@@ -6,6 +6,7 @@ bisect deepspeed --good 0.16.9 --bad 0.15.4 --cells zero3-fp32-ws2 --invariant e
 import pytest
 from conftest import PROBE
 
+from numerics.run.launcher import RankPool
 from numerics.show.plugin import worker_index
 from numerics.versions.cells import run_cells_in
 from numerics.versions.environments import build
@@ -26,6 +27,16 @@ def test_a_zero3_cell_leaves_no_module_alive_in_its_ranks(lora, run_cell):
         assert result.outcome.trace.meta["modules_left_per_rank"] == [0, 0], \
             f"modules of the cell still alive, per rank: {result.outcome.trace.meta['modules_left_per_rank']}"
         assert next(v for v in result.verdicts if v.invariant == "engine_released").status == "pass"
+
+
+def test_a_spawned_rank_does_not_count_what_its_imports_keep():
+    """Ranks that are new interpreters (NCCL's, a cluster launcher's) import what forks of the
+    preloaded server hold before their first cell: transformers keeps nine activation modules
+    from its import on, which are not the cell's."""
+    with RankPool(PROBE.world_size, fresh=True) as pool:
+        outcome = pool.run(PROBE)
+    assert outcome.ok, outcome.error
+    assert outcome.trace.meta["modules_left_per_rank"] == [0, 0], outcome.trace.meta["modules_left_per_rank"]
 
 
 def test_deepspeed_0_15_4_keeps_every_zero3_engine_and_the_cell_turns_red(request):

@@ -163,6 +163,7 @@ def start_rank(world_size: int, device: int, backend: str,
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     if backend == "gloo":
         release_shm_workspace()
+    import numerics.run.preload  # noqa: F401 - held by forks of the server already; spawned and launched ranks too
     return run_metadata(backend, world_size, lifted)
 
 

@@ -9,6 +9,11 @@ pool on a machine with too few GPUs), so each rank imports it after setting that
 
 A module that fails to import here (a release it does not support) is skipped: the rank
 imports it again where a cell needs it, and that cell reports the error.
+
+Every rank imports it before its first cell (`launcher.start_rank`), spawned ones (NCCL) and
+those a cluster's launcher starts (`numerics.run.launched`) included: what these imports create
+and keep (transformers' nine activation modules) must predate the first cell, or
+``engine_released`` counts it as that cell's.
 """
 from importlib import import_module
 
