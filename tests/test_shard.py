@@ -17,21 +17,6 @@ def test_every_item_lands_in_exactly_one_shard_in_input_order():
     assert all(part == [i for i in items if i in part] for part in shards)
 
 
-@pytest.mark.parametrize("worker, expected", [(True, ["b", "c", "a"]), (False, ["a", "b", "c"])],
-                         ids=["xdist_worker", "one_process"])
-def test_xdist_workers_hand_out_the_longest_tests_first(worker, expected, monkeypatch):
-    """Longest first on xdist workers (unmeasured last); a single process keeps the file order."""
-    from types import SimpleNamespace
-
-    from numerics.show import plugin
-
-    config = SimpleNamespace(getoption=lambda name: None, **({"workerinput": {}} if worker else {}))
-    items = [SimpleNamespace(nodeid=name) for name in ("a", "b", "c")]
-    monkeypatch.setattr(plugin, "load_costs", lambda kind: {"b": 100.0, "c": 5.0})
-    plugin.pytest_collection_modifyitems(config, items)
-    assert [item.nodeid for item in items] == expected
-
-
 def test_split_is_balanced_by_cost_not_by_count():
     costs = {"slow": 10.0, **{f"fast{i}": 1.0 for i in range(10)}}
     heavy, light = assign(costs, costs, 2)

@@ -102,17 +102,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``--numerics-shard I/N``: keep this shard's tests. Every runner (and every xdist worker)
-    computes the same split from the same collection. Under pytest-xdist, the longest tests
-    (measured, ``costs.json``) are handed out first: a worker that draws a two-minute release
-    build last finishes that much after the other (471 s of tests on one worker, 409 s on the
-    other, 2026-12-02)."""
-    costs = load_costs("tests")
-    if text := config.getoption("numerics_shard"):
-        kept = set(select([item.nodeid for item in items], Shard.parse(text), costs))
-        config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in kept])
-        items[:] = [item for item in items if item.nodeid in kept]
-    if hasattr(config, "workerinput"):  # an xdist worker: every worker sorts the same collection alike
-        items.sort(key=lambda item: -costs.get(item.nodeid, 0.0))
+    computes the same split from the same collection."""
+    if not (text := config.getoption("numerics_shard")):
+        return
+    kept = set(select([item.nodeid for item in items], Shard.parse(text), load_costs("tests")))
+    config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in kept])
+    items[:] = [item for item in items if item.nodeid in kept]
 
 
 @pytest.hookimpl(wrapper=True)
