@@ -12,12 +12,17 @@ imports it again where a cell needs it, and that cell reports the error.
 
 Every rank imports it before its first cell (`launcher.start_rank`), spawned ones (NCCL) and
 those a cluster's launcher starts (`numerics.run.launched`) included: what these imports create
-and keep (transformers' nine activation modules) must predate the first cell, or
+and keep (transformers' nine activation modules, the Llama code's rotary function module) must predate the first cell, or
 ``engine_released`` counts it as that cell's.
 """
 from importlib import import_module
 
-RANK_MODULES = ("torch", "transformers", "peft", "numerics.run.drivers", "numerics.run.train",
+RANK_MODULES = ("torch", "transformers", "peft",
+                # transformers imports a model's code on its first use; from 5.25 (with the kernels
+                # package) modeling_llama makes a module at import (apply_rotary_pos_emb as an
+                # nn.Module) that engine_released would count as the first llama cell's
+                "transformers.models.llama.modeling_llama",
+                "numerics.run.drivers", "numerics.run.train",
                 "numerics.run.trainer_driver", "numerics.run.lora",
                 # DeepSpeed's Muon optimizer, imported by every engine's optimizer check (0.17.6 on),
                 # wraps a function in torch.compile at import, which loads inductor: 0.9 s a rank
