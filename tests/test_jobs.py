@@ -34,6 +34,9 @@ def test_two_jobs_merge_into_the_report_one_run_writes(tmp_path):
     assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1]), "each job ran its own shard"
     assert "[job 1]" in two.stdout and "[job 2]" in two.stdout, two.stdout[-3000:]
     assert (tmp_path / "two" / "jobs" / "1" / "output.txt").read_text(), "each job's whole output is kept"
+    curves = 'class="curves"'  # a passing cell's figure: drawn once, on the merged page, not on the jobs'
+    assert curves in (tmp_path / "two" / "report.html").read_text()
+    assert curves not in (tmp_path / "two" / "jobs" / "1" / "report.html").read_text()
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -61,7 +61,7 @@ def selected(args: argparse.Namespace, console: Console) -> list[RunSpec]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     console = make_console()
-    if args.exit_with_parent:  # a job of `run --jobs`
+    if args.job:  # a job of `run --jobs`: it ends with its parent
         from numerics.show.jobs import exit_with_parent
 
         exit_with_parent(sys.stdin.fileno())
@@ -90,7 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if missing:
             console.print(f"[yellow]no golden in {args.golden} for {len(missing)} cells:[/] {', '.join(missing)}")
     print_report(results, console)
-    write_report(results, Path(args.report))
+    # A job's page is an intermediate one: the merged report decides which passing cells get curves
+    # (each is a matplotlib figure, ~0.1 s; a job of the default matrix drew ~90 that no one saw).
+    write_report(results, Path(args.report), all_curves=False if args.job else None)
     console.print(f"wrote {args.report}/results.json, junit.xml and report.html")
     if len(results) < len(specs):
         return INTERRUPTED_EXIT
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="run inside the environment for these releases (repeatable; exit 3: cannot build)")
     run.add_argument("--shard", type=shard_arg, metavar="I/N",
                      help="run only the I-th of N cost-balanced slices of the selection (1-based)")
-    run.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # jobs.exit_with_parent
+    run.add_argument("--job", action="store_true", help=argparse.SUPPRESS)  # a job of --jobs (show/jobs.py)
     run.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                      help="run the selection as N shards at once, each with its own rank pool, then merge "
                           "(CPU: 2 fills 2 cores; not with GPUs, which every job would share)")

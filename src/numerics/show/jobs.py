@@ -34,9 +34,10 @@ CELL_LINE = re.compile(r"^(pass|fail|xfail|cannot run|cannot build)\s+\S+\s+\(")
 
 def job_command(arguments: list[str], job: int, jobs: int, directory: Path) -> list[str]:
     """The ``numerics run`` of one job: the user's selection, its shard, its own report directory,
-    and `exit_with_parent`."""
+    and ``--job``: it ends with this process (`exit_with_parent`) and leaves the curves of passing
+    cells to the merged report."""
     return [sys.executable, "-m", "numerics.show.cli", "run", *arguments, "--shard", f"{job}/{jobs}",
-            "--report", str(directory), "--exit-with-parent"]
+            "--report", str(directory), "--job"]
 
 
 def exit_with_parent(lifeline: int) -> None:

@@ -115,15 +115,17 @@ def write_page(data: dict[str, Any], directory: Path, all_curves: bool | None = 
     return path
 
 
-def write_data(data: dict[str, Any], directory: Path) -> None:
+def write_data(data: dict[str, Any], directory: Path, all_curves: bool | None = None) -> None:
     """``results.json``, ``junit.xml`` and ``report.html`` of ``data`` in ``directory``."""
     write_json(data, directory / "results.json")
     write_junit(data["cells"], directory / "junit.xml")
-    write_page(data, directory)
+    write_page(data, directory, all_curves)
 
 
-def write_report(results: list[CellResult], directory: Path, tests: dict[str, float] | None = None) -> None:
-    write_data(results_data(results, tests), directory)
+def write_report(results: list[CellResult], directory: Path, tests: dict[str, float] | None = None,
+                 all_curves: bool | None = None) -> None:
+    """The report of judged cells; ``all_curves`` as `write_page` takes it (None: the page decides)."""
+    write_data(results_data(results, tests), directory, all_curves)
 
 
 def write_junit(cells: list[dict[str, Any]], path: Path) -> None:
