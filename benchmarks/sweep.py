@@ -5,13 +5,14 @@ release x cell -> pass / fail (invariants) / xfail / cannot run / cannot build.
 Each package's releases run the cells that exercise it: DeepSpeed the engine, LoRA and
 Trainer cells at every stage; transformers the Trainer and LoRA cells; peft the LoRA cells.
 The package under sweep is pinned; everything else is resolved by the environment's policy.
-Results are kept per release in ``--out`` (JSON), so an interrupted sweep picks up where it
-stopped, and the table is rewritten after every release.
+Results are kept per release in ``--out``, ``docs/compatibility.json`` beside the table and
+tracked with it: an interrupted sweep picks up where it stopped, a run of one new release adds
+its row to every kept one, and the table is rewritten from all of them after every release.
 
     .venv/bin/python benchmarks/sweep.py                       # the whole sweep (~1 h on 2 cores, cold)
     .venv/bin/python benchmarks/sweep.py --package peft        # one package
     .venv/bin/python benchmarks/sweep.py --package deepspeed --releases 0.18.0,0.19.5
-    .venv/bin/python benchmarks/sweep.py --render                 # re-judge the kept results, run nothing
+    .venv/bin/python benchmarks/sweep.py --render              # re-judge the kept results, run nothing
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ SWEEP: dict[str, tuple[list[str], list[RunSpec]]] = {
                   ENGINE + LORA[1:] + TRAINER[1:]),
     "transformers": (["4.36.2", "4.37.2", "4.38.2", "4.39.3", "4.40.2", "4.41.2", "4.42.4", "4.43.4", "4.44.2",
                       "4.45.2", "4.46.3", "4.47.1", "4.48.3", "4.49.0", "5.24.0", "5.25.0"], TRAINER + LORA[1:2] + ENGINE[1:2]),
-    "peft": (["0.6.2", "0.7.0", "0.10.0", "0.12.0", "0.13.2", "0.21.2"], LORA),
+    "peft": (["0.6.2", "0.7.0", "0.10.0", "0.12.0", "0.13.2", "0.21.2", "0.22.0"], LORA),
 }
 
 
@@ -170,7 +171,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--package", choices=list(SWEEP), action="append", help="default: every package")
     parser.add_argument("--releases", help="comma-separated releases instead of the table's (one --package)")
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "sweep.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "compatibility.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "compatibility.md")
     parser.add_argument("--render", action="store_true", help="only rewrite the table from --out, running nothing")
     args = parser.parse_args()

@@ -13,6 +13,7 @@ import torch
 
 from numerics.cell.models import build_model, tensor_checksum
 from numerics.cell.spec import RunSpec
+from numerics.versions import compat
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The head is adapted too: on a randomly initialised base the logits are nearly flat, and
@@ -51,13 +52,12 @@ def dtypes(tensors: list[torch.Tensor]) -> list[str]:
 
 
 def named_full_params(engine: Any) -> dict[str, torch.Tensor]:
-    """Every parameter in full, in its training dtype, on CPU (gathered under ZeRO-3; collective)."""
-    import deepspeed
-
+    """Every parameter in full, in its training dtype, on CPU (assembled from the ranks' partitions
+    under ZeRO-3, not through ``GatheredParameters``, whose own bugs `gathered_params_match`
+    checks; collective)."""
     named = list(engine.module.named_parameters())
     if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters([p for _, p in named]):
-            return {n: p.detach().cpu().clone() for n, p in named}
+        return dict(zip((n for n, _ in named), compat.partitioned_params([p for _, p in named])))
     return {n: p.detach().cpu().clone() for n, p in named}
 
 

@@ -114,6 +114,19 @@ def _present(value: Any, param: Any, accessor: str) -> Any:
     return value
 
 
+def partitioned_params(params: list[Any]) -> list[Any]:
+    """CPU copies of ZeRO-3 ``params`` in full and in their own dtype, assembled from every rank's
+    partition (``ds_tensor``, which the forward gathers) by one all-gather that is waited for: what
+    ``GatheredParameters`` shows, without its gloo race before 0.19.8 (unfilled buffers read at
+    random, `deviations.ZERO3_GLOO_GATHER`). For measurements that check something else (LoRA's
+    frozen base, its merge), so that race shows in ``gathered_params_match`` alone. fp16 and bf16
+    travel as fp32 and come back bit for bit. Collective."""
+    if any(getattr(p, "ds_tensor", None) is None for p in params):
+        raise Unsupported(f"deepspeed {_deepspeed_version()}: a ZeRO-3 parameter without ds_tensor, its partition")
+    full = _assembled(params, lambda p: p.ds_tensor, None, "ds_tensor")
+    return [t.to(p.ds_tensor.dtype).cpu().clone() for t, p in zip(full, params)]
+
+
 def gathered_params(params: list[Any]) -> list[Any]:
     """CPU copies of ``params`` as ``deepspeed.zero.GatheredParameters`` shows them: the view a
     forward pass, a user's logging or a 16-bit save reads under ZeRO-3. Collective."""
