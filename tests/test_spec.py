@@ -61,6 +61,8 @@ def test_ds_config_batch_and_optimizer():
     ({"zero_stage": 2, "dtype": "bf16", "comm_dtype": "fp32"}, "zero2-bf16-comm_fp32-ws2"),
     ({"zero_stage": 3, "dtype": "fp16", "world_size": 4, "grad_accum": 4}, "zero3-fp16-ws4-ga4"),
     ({"optimizer": "sgd", "optimizer_source": "client", "buckets": "default"}, "zero0-fp32-ws2-client_sgd-buckets_default"),
+    ({"ds_extra": json.dumps({"gradient_clipping": 0.3})}, "zero0-fp32-ws2-clip0.3"),  # a cell that clips is another cell
+    ({"ds_extra": json.dumps({"gradient_clipping": 0.0})}, "zero0-fp32-ws2"),
 ])
 def test_cell_ids_are_readable(fields, cell_id):
     assert RunSpec(**fields).cell_id == cell_id

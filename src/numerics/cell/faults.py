@@ -11,6 +11,7 @@ the same ranks runs clean.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -46,6 +47,10 @@ class Fault:
 
     def adapter_options(self) -> dict[str, Any]:
         """Extra keyword arguments for ``peft.get_peft_model`` (LoRA cells)."""
+        return {}
+
+    def trainer_arguments(self) -> dict[str, Any]:
+        """``TrainingArguments`` that replace the driver's (trainer cells)."""
         return {}
 
     def checkpoint_load_options(self) -> dict[str, Any]:
@@ -223,6 +228,31 @@ def _kept_weights(engine: Any) -> Callable[[], None]:
     return restore
 
 
+class ClipIgnored(Fault):
+    """The configured gradient clipping is never applied: the norm is still computed and reported,
+    and the step takes the unclipped gradients, as DeepSpeed's bf16 path did after a change meant
+    to drop only its loss scaling (DeepSpeed PR 3166, reverted by 3790)."""
+
+    # SGD at 0.1 clipped to a global norm of 0.3, below the tiny model's 0.4-1.7 at every step, after
+    # two micro-batches of accumulation: SGD moves by the clipped gradient itself, where AdamW would
+    # normalise most of a wrong clip coefficient away.
+    CELL = dict(world_size=2, micro_batch=2, grad_accum=2, optimizer="sgd", ds_extra=json.dumps({"gradient_clipping": 0.3}))
+
+    @contextmanager
+    def installed(self, engine: Any, spec: Any, rank: int) -> Iterator[None]:
+        optimizer = engine.optimizer
+        bound = getattr(optimizer, "clip_grad", None)  # DeepSpeed's ZeRO, bf16 and fp16 wrappers clip
+        engine.gradient_clipping = lambda: 0.0  # the engine clips plain fp32 at ZeRO-0
+        if bound is not None:
+            optimizer.clip_grad = 0.0
+        try:
+            yield
+        finally:
+            del engine.gradient_clipping
+            if bound is not None:
+                optimizer.clip_grad = bound
+
+
 class CausalMaskLeak(Fault):
     def prepare_model(self, model, spec):
         for module in model.modules():
@@ -301,6 +331,10 @@ class ResumeWithoutOptimizerState(Fault):
         "finite", "init_matches", "step0_grads", "parity_loss", "parity_grad_norm", "grad_norm_agrees",
         "replicas_agree", "resume_matches"))
 
+    def trainer_arguments(self) -> dict[str, Any]:
+        """``TrainingArguments`` that replace the driver's (trainer cells)."""
+        return {}
+
     def checkpoint_load_options(self) -> dict[str, Any]:
         return {"load_optimizer_states": False, "load_lr_scheduler_states": False}
 
@@ -364,6 +398,18 @@ class LoggedLossTimesGA(LoggingFault):
             logs["loss"] *= spec.grad_accum
 
 
+class TrainerArgumentsFault(Fault):
+    """A fault in what a Trainer hands DeepSpeed; its seam is the ``TrainingArguments``."""
+
+
+class ClipBoundLost(TrainerArgumentsFault):
+    """The Trainer fills DeepSpeed's ``"gradient_clipping": "auto"`` with transformers' default
+    ``max_grad_norm`` (1.0), not the bound the user set."""
+
+    def trainer_arguments(self) -> dict[str, Any]:
+        return {"max_grad_norm": 1.0}
+
+
 FAULTS: dict[str, Fault] = {
     fault.name: fault
     for fault in [
@@ -390,6 +436,14 @@ FAULTS: dict[str, Fault] = {
         RankMissesUpdate(
             "rank_misses_update", "the last rank keeps its pre-step weights through one optimizer step mid-run",
             ("replicas_agree",), dict(zero_stage=3),  # tests/test_faults.py runs it at every stage
+        ),
+        ClipIgnored(
+            "clip_ignored", "gradient clipping configured but never applied",
+            ("parity_loss",), dict(ClipIgnored.CELL, zero_stage=0),
+        ),
+        ClipBoundLost(
+            "clip_bound_lost", "the Trainer hands DeepSpeed a clipping bound of 1.0, not the cell's",
+            ("parity_loss",), dict(ClipIgnored.CELL, zero_stage=0, driver="trainer", invariants=TRAINER_INVARIANTS),
         ),
         CausalMaskLeak(
             "causal_mask_leak", "attention sees future tokens",

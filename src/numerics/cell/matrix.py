@@ -33,6 +33,7 @@ class Family:
 OVERFIT = {"workload": "overfit", "world_size": 2, "micro_batch": 1, "steps": 60, "lr": 5e-3, "invariants": OVERFIT_INVARIANTS}
 PADDED = {"workload": "padded", "world_size": 2, "micro_batch": 4}
 EPOCHS = {**FAULTS["optimizer_reset_at_epoch"].cell, "world_size": 2}
+CLIPPED = {**FAULTS["clip_ignored"].cell, "micro_batch": 4}  # fixed_batch halves it for GA 2: the fault's cell
 
 FAMILIES = [
     Family(
@@ -66,6 +67,12 @@ FAMILIES = [
         axes={"zero_stage": STAGES, "dtype": DTYPES, "base_dtype": DTYPES},
         base={"world_size": 2, "lora": True, "invariants": LORA_INVARIANTS},
     ),
+    # Gradient clipping that bites. Each optimizer wrapper clips on its own path (ZeRO-0 fp32, bf16
+    # and fp16, ZeRO-1/2, ZeRO-3), fp16 through its loss scale, every one after accumulation; the
+    # Trainer hands its max_grad_norm to DeepSpeed. Every other cell's bound never bites.
+    Family("clip", axes={"zero_stage": STAGES, "dtype": DTYPES}, base=CLIPPED),
+    Family("trainer_clip", axes={"zero_stage": [0, 3], "dtype": ["bf16"]},
+           base={**CLIPPED, "driver": "trainer", "invariants": TRAINER_INVARIANTS}),
     # Incident 3: a correct loop memorises two prompt/response samples (prompt and specials masked).
     Family("overfit", axes={"zero_stage": STAGES, "dtype": ["fp32"]}, base=OVERFIT),
     # Incident 6: variable-length padded sequences, loss normalised over the global batch's tokens.

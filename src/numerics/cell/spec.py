@@ -131,6 +131,11 @@ class RunSpec:
         return self.micro_batch * self.grad_accum * self.world_size
 
     @property
+    def grad_clip(self) -> float:
+        """The global grad norm DeepSpeed clips at (``gradient_clipping`` in ``ds_extra``); 0: none."""
+        return json.loads(self.ds_extra).get("gradient_clipping", 0.0)
+
+    @property
     def cell_id(self) -> str:
         """Readable id: ``zero2-bf16-comm_fp32-ws2`` plus whatever differs from the defaults."""
         parts = [f"zero{self.zero_stage}", self.dtype]
@@ -145,6 +150,8 @@ class RunSpec:
             parts.append(f"lora_base_{self.base_dtype}")
         if self.optimizer != "adamw" or self.optimizer_source != "config":
             parts.append(f"{self.optimizer_source}_{self.optimizer}")
+        if self.grad_clip:
+            parts.append(f"clip{self.grad_clip:g}")
         if self.buckets != "scaled":
             parts.append(f"buckets_{self.buckets}")
         if self.driver != "engine":

@@ -260,15 +260,17 @@ ZERO0_BF16_ACCESSOR = (
     "match the reference. With gradient accumulation the norm read is about half the true one (0.46-0.56x "
     "at GA 4); the HF Trainer logs the engine's right norm, so its log and the read disagree."
 )
-ZERO1_GA_SCALE = (
-    "ZeRO-1 with gradient accumulation from 0.18.3: the gradient the optimizer steps, and the norm the "
+GA_SCALE = (
+    "ZeRO 0-2 with gradient accumulation from 0.18.3: the gradient the optimizer steps, and the norm the "
     "engine reports and clips by, is the true one divided by GA once more (1/4 at GA 4 through "
     "engine.backward/step; 1/GA^2 under the HF Trainer, which calls engine.step every micro-batch). Adam "
     "hides the scale, SGD stops learning. 0.18.3 changed how the ZeRO-1/2 epilogue accumulates "
-    "micro-batches (all_grad_tensors instead of averaged_gradients)."
+    "micro-batches (all_grad_tensors instead of averaged_gradients). Found at ZeRO-1; the clip cells (SGD, "
+    "GA 2) show it at ZeRO-0 and ZeRO-2 too, in every dtype."
 )
-ZERO2_BF16_GA = (
-    "ZeRO-2 bf16 with gradient accumulation: the stepped gradient is 93% off the true one (relative L2) "
+ZERO2_GA = (
+    "ZeRO-2 with gradient accumulation (found in bf16; the clip cells, SGD at GA 2, show it in fp32 and fp16 "
+    "too): the stepped gradient is 93% off the true one (relative L2) "
     "with 0.42x its norm, as if micro-batches were lost; SGD stops learning, AdamW's loss is 0.4% off "
     "at step 1."
 )
@@ -323,7 +325,7 @@ def scaled(key: str, rtol_key: str, divisor: Callable[[dict[str, Any]], float]) 
 
 
 def ga_twice(cell: dict[str, Any]) -> float:
-    """ZeRO-1 GA (ZERO1_GA_SCALE): the gradient over GA once more, over GA^2 under the Trainer."""
+    """ZeRO-1 GA (GA_SCALE): the gradient over GA once more, over GA^2 under the Trainer."""
     return cell["grad_accum"] ** (2 if cell["driver"] == "trainer" else 1)
 
 
@@ -354,7 +356,7 @@ ZERO0_BF16_ACCESSOR_SIGNATURES = {
                                 "(GA > 1) x the one read", lambda m, cell: accessor_read(m["grad_norm_ratio"], cell, inverse=True),
                                 "measured on 0.17.5, 10 Trainer cells: 0.67-0.86 at GA 1, 1.03-2.16 at GA 2-4"),
 }
-ZERO1_GA_SCALE_SIGNATURES = {
+GA_SCALE_SIGNATURES = {
     "step0_grads": Signature("step-0 gradient = the reference's / GA (/ GA^2 under the Trainer, x the stock loss's "
                              "token count there)", scaled("scale", "scale_rtol", ga_twice), "derived from the reason"),
     "parity_grad_norm": Signature("grad norm = the reference's / GA (/ GA^2 under the Trainer, x the stock loss's "
@@ -362,7 +364,7 @@ ZERO1_GA_SCALE_SIGNATURES = {
                                   "derived from the reason"),
     "parity_loss": LOSS_EQUAL_AT_STEP0,
 }
-ZERO2_BF16_GA_SIGNATURES = {
+ZERO2_GA_SIGNATURES = {
     "step0_grads": Signature("stepped gradient off the true one by a relative L2 within 2x of 0.93",
                              lambda m, cell: within_factor(m["worst_rel"], 0.93), "derived from the reason"),
     "parity_grad_norm": Signature("grad norm within 2x of 0.42 x the reference's where it diverges",
@@ -424,15 +426,19 @@ FINDINGS: list[Deviation] = [
                 "every ZeRO-0 bf16 cell of --full on 0.17.5)",
                 signature=signature)
       for name, signature in ZERO0_BF16_ACCESSOR_SIGNATURES.items()),
-    *(Deviation({"zero_stage": 1, "grad_accum": (2, 4), "fault": None}, name, {"deepspeed": ">=0.18.3,<0.19.6"},
-                ZERO1_GA_SCALE, strict=False,
-                found_by="first bad deepspeed==0.18.3 (last good 0.18.2); first fixed 0.19.6 (last bad 0.19.5)",
-                signature=ZERO1_GA_SCALE_SIGNATURES.get(name))
+    *(Deviation({"zero_stage": (0, 1, 2), "grad_accum": (2, 4), "fault": None}, name, {"deepspeed": ">=0.18.3,<0.19.6"},
+                GA_SCALE, strict=False,
+                found_by="ZeRO-1: first bad deepspeed==0.18.3 (last good 0.18.2); first fixed 0.19.6 (last bad 0.19.5). "
+                "ZeRO-0 (numerics bisect of zero0-fp32-ws2-ga2-config_sgd-clip0.3, step0_grads): first bad 0.18.3, "
+                "first fixed 0.19.6. ZeRO-2: bad on 0.19.5 in every dtype, fixed in 0.19.6 (the same bisect's ZeRO "
+                "0-3 fp32 cells); its first bad release not bisected (0.18.7-0.18.9 cannot complete ZeRO-2)",
+                signature=GA_SCALE_SIGNATURES.get(name))
       for name in ("step0_grads", "parity_grad_norm", "parity_loss", "learns")),
-    *(Deviation({"zero_stage": 2, "dtype": "bf16", "grad_accum": (2, 4), "fault": None}, name,
-                {"deepspeed": ">=0.17.6,<0.18.4"}, ZERO2_BF16_GA, strict=False,
-                found_by="first bad deepspeed==0.17.6 (last good 0.17.5); first fixed 0.18.4 (last bad 0.18.3)",
-                signature=ZERO2_BF16_GA_SIGNATURES.get(name))
+    *(Deviation({"zero_stage": 2, "grad_accum": (2, 4), "fault": None}, name,
+                {"deepspeed": ">=0.17.6,<0.18.4"}, ZERO2_GA, strict=False,
+                found_by="bf16: first bad deepspeed==0.17.6 (last good 0.17.5); first fixed 0.18.4 (last bad 0.18.3); "
+                "fp32 and fp16 bad on 0.17.6 and 0.18.0, good on 0.16.9 (the clip cells)",
+                signature=ZERO2_GA_SIGNATURES.get(name))
       for name in ("step0_grads", "parity_grad_norm", "parity_loss", "learns")),
     *(Deviation({"zero_stage": 0, "dtype": "bf16", "optimizer": "sgd", "fault": None}, name,
                 {"deepspeed": ">=0.17.6,<0.18.6"}, ZERO0_BF16_SGD, strict=False,

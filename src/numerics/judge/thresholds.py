@@ -147,8 +147,9 @@ class TrainingThresholds:
     # transformers 4.47 logs round(loss, 4) (5.x logs it unrounded): a logged loss may be off by half
     # a unit of its 4th decimal; measured 1.17e-5 relative at loss 4.098 on ZeRO-0/2 fp32 overfit cells.
     logged_loss_atol: float = 5e-5
-    # Trainer cells clip at this global grad norm, so that releases that log the norm only when
-    # clipping is on (transformers 4.47) log it. It never bites, so the unclipped reference holds:
+    # Trainer cells without a bound of their own (all but the clip family's) clip at this global grad
+    # norm, so that releases that log the norm only when clipping is on (transformers 4.47) log it.
+    # It never bites, so the unclipped reference holds:
     # the largest grad norm over the 24 default trainer cells is 5.4 (transformers 5.24; 3.9 on
     # 4.47.1), ~2000x below, and the driver refuses a step whose norm reaches the bound.
     unbiting_clip: float = 1e4

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from numerics.cell.data import micro_batch_indices
-from numerics.cell.faults import EpochFault, Fault, LoggingFault, LossFault, WorkloadFault, get_fault
+from numerics.cell.faults import EpochFault, Fault, LoggingFault, LossFault, TrainerArgumentsFault, WorkloadFault, get_fault
 from numerics.cell.label_mask import supervised_count
 from numerics.cell.models import build_model, causal_lm_loss, tensor_checksum
 from numerics.cell.spec import OPTIMIZER_DEFAULTS, RunSpec, SpecError, matches
@@ -77,17 +77,19 @@ def unlogged(spec: RunSpec) -> dict[str, str]:
     return {figure: why for cell, figure, why in UNLOGGED if matches(spec.to_dict(), cell)}
 
 
-def clipped_config(spec: RunSpec) -> dict[str, Any]:
-    """The cell's DeepSpeed config, clipping at a bound that never bites (thresholds.py)."""
-    return {**spec.ds_config(), "gradient_clipping": THRESHOLDS.unbiting_clip}
+def clip_bound(spec: RunSpec) -> float:
+    """The ``max_grad_norm`` a Trainer cell runs with: the cell's clipping bound, else one that
+    never bites (thresholds.py)."""
+    return spec.grad_clip or THRESHOLDS.unbiting_clip
 
 
 def training_arguments(spec: RunSpec, output_dir: str, **overrides: Any) -> TrainingArguments:
-    """Arguments that agree with the cell's DeepSpeed config key for key, so the Trainer fills no
-    "auto" and finds no mismatch (its scheduler's warm-up included). A client optimizer is the
+    """Arguments that agree with the cell's DeepSpeed config key for key, so the Trainer finds no
+    mismatch (its scheduler's warm-up included). The one "auto" is the clipping bound, as HF's
+    example configs write it: the Trainer fills it from ``max_grad_norm``. A client optimizer is the
     Trainer's own (``optim``): under DeepSpeed, ``deepspeed_init`` drops one passed as
     ``optimizers=(opt, None)``."""
-    config, defaults = clipped_config(spec), OPTIMIZER_DEFAULTS[spec.optimizer]
+    config, defaults = {**spec.ds_config(), "gradient_clipping": "auto"}, OPTIMIZER_DEFAULTS[spec.optimizer]
     betas = defaults.get("betas", (0.9, 0.999))
     schedule = config.get("scheduler", {}).get("params")  # a DeepSpeed WarmupDecayLR is HF's "linear"
     arguments = dict(
@@ -98,7 +100,7 @@ def training_arguments(spec: RunSpec, output_dir: str, **overrides: Any) -> Trai
         optim="adamw_torch" if spec.optimizer == "adamw" else "sgd",
         optim_args=None if spec.optimizer == "adamw" else f"momentum={defaults['momentum']}",
         weight_decay=defaults.get("weight_decay", 0.0), adam_beta1=betas[0], adam_beta2=betas[1],
-        adam_epsilon=defaults.get("eps", 1e-8), max_grad_norm=config["gradient_clipping"],
+        adam_epsilon=defaults.get("eps", 1e-8), max_grad_norm=clip_bound(spec),
         bf16=spec.dtype == "bf16", fp16=spec.dtype == "fp16", seed=spec.seed,
         logging_steps=1, logging_nan_inf_filter=False, report_to=[], save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, remove_unused_columns=False,
@@ -232,7 +234,7 @@ class StepProbe(TrainerCallback):
         sample_ids, loss = self.trainer.micro_batches.take_step(self.engine.device)
         record, grads = measure_step(self.engine, self.spec, step, self.workload.batch_of(self.spec, sample_ids),
                                      [torch.tensor(loss)], step_fn)  # already the global mean: the same on every rank
-        if not record.grad_norm < THRESHOLDS.unbiting_clip:
+        if not self.spec.grad_clip and not record.grad_norm < THRESHOLDS.unbiting_clip:
             raise RuntimeError(f"{self.spec.cell_id} step {step}: grad norm {record.grad_norm:.6g} reached the clipping bound "
                                f"{THRESHOLDS.unbiting_clip:g} that Trainer cells rely on never biting; the reference does not clip")
         self.trace.steps.append(record)
@@ -318,7 +320,7 @@ def release(trainer: Trainer | None, environ: dict[str, str]) -> None:
 def supported_fault(spec: RunSpec) -> Fault:
     """The cell's fault, if it acts at a seam this driver has; refused otherwise, never silently inert."""
     fault = get_fault(spec.fault)
-    seams = (WorkloadFault, LoggingFault) + ((EpochFault,) if spec.driver == "trainer_epochs" else ())
+    seams = (WorkloadFault, LoggingFault, TrainerArgumentsFault) + ((EpochFault,) if spec.driver == "trainer_epochs" else ())
     if spec.fault is not None and (not isinstance(fault, seams) or (isinstance(fault, LossFault) and spec.trainer_loss == "stock")):
         raise ValueError(f"{spec.cell_id}: fault {spec.fault} has no seam in the {spec.driver} driver "
                          f"with the {spec.trainer_loss} loss (it acts on {type(fault).__name__}'s seam)")
@@ -343,7 +345,7 @@ def train(spec: RunSpec, rank: int, meta: dict[str, Any], batches: list[Batch], 
         with tempfile.TemporaryDirectory(prefix="numerics-trainer-") as output_dir:
             trainer = trainer_class(spec, MicroBatchLog(batches), fault, model=model, train_dataset=dataset,
                                     eval_dataset=None if eval_batch is None else rows(eval_batch),
-                                    args=training_arguments(arguments_spec, output_dir, **arguments))
+                                    args=training_arguments(arguments_spec, output_dir, **{**arguments, **fault.trainer_arguments()}))
             trainer.remove_callback(PrinterCallback)
             probes = [StepProbe(trainer, spec, batches, trace)] + ([EvalProbe(trainer, eval_batch, trace)] if eval_batch is not None else [])
             for callback in probes + callbacks(trainer, fault):
