@@ -1,7 +1,8 @@
 """Detection floor: the smallest uniform gradient error each kind of cell sees.
 
 For each precision (fp32, bf16, fp16, LoRA fp16 and LoRA bf16) and ZeRO stage, the `grad_scale` fault
-multiplies every reduced gradient by 1 + eps; this finds the smallest eps on a grid that
+multiplies every reduced gradient by 1 + eps (with ``--fault clip_scale``, in the clip family's
+cell, DeepSpeed clips at 1 + eps times the bound); this finds the smallest eps on a grid that
 turns the cell red, by bisecting the grid (detection grows with eps), after checking that
 the clean cell (no fault, several seeds) stays green. Real regressions of a few percent
 exist: a normalisation per micro-batch instead of over the batch moves gradients by 3-5 %.
@@ -14,6 +15,7 @@ by itself never counts as a detection, and an error on top of it does once it le
     .venv/bin/python benchmarks/detection_floor.py                  # 5 precisions x 4 stages (~6 min, 2 cores)
     .venv/bin/python benchmarks/detection_floor.py --stages 1 --seeds 0,1,2,3,4
     .venv/bin/python benchmarks/detection_floor.py --json floor.json
+    .venv/bin/python benchmarks/detection_floor.py --fault clip_scale --precisions fp32,bf16,fp16
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
+from numerics.cell.faults import ClipBoundScaled
 from numerics.cell.invariant_sets import LORA_INVARIANTS
 from numerics.cell.spec import RunSpec
 from numerics.judge import deviations
@@ -41,6 +44,9 @@ PRECISIONS: dict[str, dict] = {  # name -> RunSpec fields
     "lora fp16": {"dtype": "fp16", "lora": True, "invariants": LORA_INVARIANTS},
     "lora bf16": {"dtype": "bf16", "lora": True, "invariants": LORA_INVARIANTS},
 }
+
+# The faults with a strength, and the cell fields each runs in beside the precision's.
+SCALED_FAULTS: dict[str, dict] = {"grad_scale": {}, "clip_scale": ClipBoundScaled.CELL}
 
 
 @dataclass
@@ -74,8 +80,8 @@ def scale_error(result: CellResult) -> float:
     return abs(step0_scale(trace, reference_trace(result.spec, trace)) - 1.0) if trace and trace.step0_grads else float("nan")
 
 
-def find_floor(pools: PoolSet, precision: str, stage: int, seeds: list[int], console: Console) -> Floor:
-    base = RunSpec(zero_stage=stage, **PRECISIONS[precision])
+def find_floor(pools: PoolSet, fault: str, precision: str, stage: int, seeds: list[int], console: Console) -> Floor:
+    base = RunSpec(**{**SCALED_FAULTS[fault], "zero_stage": stage, **PRECISIONS[precision]})
     cleans = [pools.run(base.with_(seed=seed)) for seed in seeds]
     baseline = set().union(*(failed(c) for c in cleans))  # only what the clean cells pass can detect
     tried: dict[float, bool] = {}
@@ -84,7 +90,7 @@ def find_floor(pools: PoolSet, precision: str, stage: int, seeds: list[int], con
     while low <= high:
         middle = (low + high) // 2
         eps = GRID[middle]
-        result = as_clean(pools.run(base.with_(fault=f"grad_scale@{eps:g}")))
+        result = as_clean(pools.run(base.with_(fault=f"{fault}@{eps:g}")))
         fired[eps] = sorted(failed(result) - baseline)
         tried[eps] = bool(fired[eps])
         console.print(f"  {precision} ZeRO-{stage} eps {eps:g}: {', '.join(fired[eps]) or 'passes'}", highlight=False)
@@ -97,8 +103,8 @@ def find_floor(pools: PoolSet, precision: str, stage: int, seeds: list[int], con
                  fired.get(floor, []), tried)
 
 
-def table(floors: list[Floor]) -> Table:
-    out = Table(title="Detection floor: smallest gradient scale error 1 + eps that fails the cell")
+def table(floors: list[Floor], fault: str) -> Table:
+    out = Table(title=f"Detection floor: smallest {fault} error 1 + eps that fails the cell")
     for column in ("precision", "ZeRO", "clean cells", "clean |step-0 scale - 1|", "floor eps", "fired at the floor"):
         out.add_column(column)
     for floor in floors:
@@ -114,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma-separated, of {list(PRECISIONS)}")
     parser.add_argument("--stages", default="0,1,2,3")
     parser.add_argument("--seeds", default="0", help="seeds of the clean cells, which must all pass")
+    parser.add_argument("--fault", default="grad_scale", choices=list(SCALED_FAULTS))
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     console, started, floors = Console(), time.monotonic(), []
@@ -124,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     with PoolSet() as pools:
         for precision in precisions:
             for stage in map(int, args.stages.split(",")):
-                floors.append(find_floor(pools, precision, stage, [int(s) for s in args.seeds.split(",")], console))
-    console.print(table(floors))
+                floors.append(find_floor(pools, args.fault, precision, stage, [int(s) for s in args.seeds.split(",")], console))
+    console.print(table(floors, args.fault))
     console.print(f"{time.monotonic() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as out:

@@ -228,29 +228,47 @@ def _kept_weights(engine: Any) -> Callable[[], None]:
     return restore
 
 
-class ClipIgnored(Fault):
-    """The configured gradient clipping is never applied: the norm is still computed and reported,
-    and the step takes the unclipped gradients, as DeepSpeed's bf16 path did after a change meant
-    to drop only its loss scaling (DeepSpeed PR 3166, reverted by 3790)."""
+@dataclass(frozen=True)
+class ClipBoundScaled(Fault):
+    """DeepSpeed clips at ``factor`` times the configured bound: a bound off by eps at
+    ``1 + eps`` (``clip_scale@EPS``; benchmarks/detection_floor.py finds the smallest each cell sees)."""
 
     # SGD at 0.1 clipped to a global norm of 0.3, below the tiny model's 0.4-1.7 at every step, after
     # two micro-batches of accumulation: SGD moves by the clipped gradient itself, where AdamW would
     # normalise most of a wrong clip coefficient away.
     CELL = dict(world_size=2, micro_batch=2, grad_accum=2, optimizer="sgd", ds_extra=json.dumps({"gradient_clipping": 0.3}))
 
+    factor: float = 1.3
+
+    def with_parameter(self, value: float) -> Fault:
+        if not value > 0:
+            raise ValueError(f"fault {self.name!r}: eps={value!r} must be positive")
+        return replace(self, name=f"{self.name.partition('@')[0]}@{value:g}", factor=1.0 + value)
+
     @contextmanager
     def installed(self, engine: Any, spec: Any, rank: int) -> Iterator[None]:
         optimizer = engine.optimizer
         bound = getattr(optimizer, "clip_grad", None)  # DeepSpeed's ZeRO, bf16 and fp16 wrappers clip
-        engine.gradient_clipping = lambda: 0.0  # the engine clips plain fp32 at ZeRO-0
+        scaled = self.factor * engine.gradient_clipping()
+        engine.gradient_clipping = lambda: scaled  # the engine clips plain fp32 at ZeRO-0
         if bound is not None:
-            optimizer.clip_grad = 0.0
+            optimizer.clip_grad = self.factor * bound
         try:
             yield
         finally:
             del engine.gradient_clipping
             if bound is not None:
                 optimizer.clip_grad = bound
+
+
+@dataclass(frozen=True)
+class ClipIgnored(ClipBoundScaled):
+    """The configured gradient clipping is never applied: the norm is still computed and reported,
+    and the step takes the unclipped gradients, as DeepSpeed's bf16 path did after a change meant
+    to drop only its loss scaling (DeepSpeed PR 3166, reverted by 3790)."""
+
+    factor: float = 0.0
+    with_parameter = Fault.with_parameter
 
 
 class CausalMaskLeak(Fault):
@@ -440,6 +458,10 @@ FAULTS: dict[str, Fault] = {
         ClipIgnored(
             "clip_ignored", "gradient clipping configured but never applied",
             ("parity_loss",), dict(ClipIgnored.CELL, zero_stage=0),
+        ),
+        ClipBoundScaled(
+            "clip_scale", "DeepSpeed clips at the configured bound times 1 + eps (default 0.3; clip_scale@EPS)",
+            ("parity_loss",), dict(ClipBoundScaled.CELL, zero_stage=1),
         ),
         ClipBoundLost(
             "clip_bound_lost", "the Trainer hands DeepSpeed a clipping bound of 1.0, not the cell's",
